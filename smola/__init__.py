@@ -1,0 +1,1 @@
+"""Omni-SMoLA: soft mixtures of low-rank experts around frozen linears (torch only)."""
