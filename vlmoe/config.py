@@ -1,0 +1,242 @@
+"""Run configuration: YAML files plus dotted ``key=value`` overrides, strictly checked.
+
+Every key is a field of a dataclass below, so a mistyped key is an error that names it
+(with the closest valid key) instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared datasets live and how each step samples them."""
+
+    dir: str = "data/default"
+    # per-rank micro-batch size of each subset; 0 leaves that objective out
+    image_batch: int = 16
+    text_batch: int = 16
+    pair_batch: int = 16
+    eval_batches: int = 4
+
+
+@dataclass
+class PrepareConfig:
+    """Inputs of ``vlmoe prepare``: which sources, and the tokenizers fitted on them."""
+
+    # names from vlmoe.data.prepare (fashion_mnist, tuxpaint_stamps, noto_emoji, wordnet,
+    # shakespeare) or user data written "jsonl:PATH", "image_folder:PATH", "text_files:PATH"
+    sources: list = field(default_factory=lambda: ["fashion_mnist", "tuxpaint_stamps", "noto_emoji", "wordnet", "shakespeare"])
+    max_items_per_source: Optional[int] = None
+    val_fraction: float = 0.05
+    text_vocab_size: int = 2000
+    codebook_size: int = 256
+    tokenizer_fit_images: int = 2000
+
+
+@dataclass
+class PretrainConfig:
+    """Masked data modeling (BEiT-3): mask rates of the three objectives."""
+
+    mlm_prob: float = 0.15
+    mim_ratio: float = 0.4
+    vlm_text_prob: float = 0.5
+    vlm_image_ratio: float = 0.4
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, logging and checkpoint cadence."""
+
+    steps: int = 300
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 30
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    dist_timeout_s: int = 600
+    progress_bar: bool = True
+
+
+@dataclass
+class ModelSection:
+    """``preset`` picks tiny | small | base; any other key overrides that preset's field."""
+
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/pretrain-tiny"
+    seed: int = 1234
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # extra DeepSpeed settings merged over the generated ones (see ds_configs/)
+    deepspeed: dict = field(default_factory=dict)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``typ``; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(typ) if a is not type(None)]
+        return _coerce(value, inner, key)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or typ
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}': expected {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    if cls is ModelSection:
+        data = dict(data)
+        return ModelSection(preset=_coerce(data.pop("preset", "tiny"), str, prefix + "preset"), overrides=data)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_closest(key, names)}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _from_dict(typ, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, typ, prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.steps=10", "model.depth=2"]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path to a YAML file, or the name of one shipped in vlmoe/configs (``pretrain_tiny``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / (name if name.endswith(".yaml") else name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file '{name}' not found (shipped configs: {', '.join(available)})")
+
+
+def load_config(name: str, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a YAML config (path or shipped name), apply dotted overrides, validate."""
+    path = resolve_config_path(name)
+    with open(path, encoding="utf-8") as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    tree = _merge(tree, parse_overrides(overrides or []))
+    cfg = _from_dict(RunConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need more than one key, done before any training starts."""
+    t = cfg.train
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"config key 'train.precision': {t.precision!r} is not one of {PRECISIONS}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'train.zero_stage': {t.zero_stage} is not 0, 1, 2 or 3")
+    for key in ("steps", "grad_accum", "log_every", "eval_every", "save_every", "dist_timeout_s"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"config key 'train.{key}' must be positive, got {getattr(t, key)}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"config key 'train.betas' needs two values, got {t.betas}")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise ConfigError(f"config key 'train.warmup_steps' must lie in [0, train.steps], got {t.warmup_steps}")
+    d = cfg.data
+    if min(d.image_batch, d.text_batch, d.pair_batch) < 0 or d.image_batch + d.text_batch + d.pair_batch == 0:
+        raise ConfigError("config keys 'data.image_batch', 'data.text_batch', 'data.pair_batch': need >= 0 and at least one > 0")
+    p = cfg.pretrain
+    for key in ("mlm_prob", "mim_ratio", "vlm_text_prob", "vlm_image_ratio"):
+        if not 0.0 < getattr(p, key) < 1.0:
+            raise ConfigError(f"config key 'pretrain.{key}' must lie in (0, 1), got {getattr(p, key)}")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """The resolved config as plain data (written to RUN_DIR/config.yaml)."""
+    tree = dataclasses.asdict(cfg)
+    tree["model"] = {"preset": cfg.model.preset, **cfg.model.overrides}
+    return tree
+
+
+def dump_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

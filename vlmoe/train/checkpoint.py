@@ -1,0 +1,168 @@
+"""Checkpoints that survive crashes: DeepSpeed shards plus our own commit pointer.
+
+DeepSpeed writes its ``latest`` tag before every rank has finished writing its shards, so
+after a crash ``latest`` can name a torn checkpoint. We never read it. A save is committed
+only when every rank has returned from ``save_checkpoint``, has left a marker, and rank 0
+has found every expected shard; then rank 0 replaces ``checkpoints/last_good`` atomically
+(temp file, fsync, ``os.replace``). Resume reads only that pointer.
+
+Loads go through ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+POINTER = "last_good"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed; the message names the path."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def install_safe_loading(engine: Any) -> None:
+    """Make DeepSpeed read its checkpoint files with ``weights_only=True``."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine.__class__ = SafeTorchCheckpointEngine
+    _allow_deepspeed_globals()
+
+
+def _allow_deepspeed_globals() -> None:
+    # Plain containers and enums DeepSpeed pickles beside the tensors in its state files.
+    import collections
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.serialization.add_safe_globals(
+        [collections.OrderedDict, LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
+    )
+
+
+def _expected_shards(tag_dir: Path, world_size: int, zero_stage: int) -> list[str]:
+    """Names of missing files, by DeepSpeed's naming (empty when the save is complete)."""
+    missing = []
+    if not glob.glob(str(tag_dir / "*model_states.pt")):
+        missing.append("*model_states.pt")
+    if zero_stage > 0:
+        for rank in range(world_size):
+            pattern = f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            if not glob.glob(str(tag_dir / pattern)):
+                missing.append(pattern)
+    for rank in range(world_size):
+        if not (tag_dir / f".rank{rank}.done").exists():
+            missing.append(f".rank{rank}.done")
+    return missing
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(engine: Any, root: Path, step: int, state: dict, *, rank: int, world_size: int, zero_stage: int,
+         keep: int, exclude_frozen: bool = False) -> Path:
+    """Save a checkpoint for ``step`` on every rank and commit it. Collective: all ranks call.
+
+    ``state`` is the trainer's own state (JSON-like, small); it travels in DeepSpeed's
+    client_state. Returns the committed tag directory.
+    """
+    from vlmoe.train.distributed import barrier
+
+    tag = tag_for(step)
+    tag_dir = root / tag
+    if rank == 0 and tag_dir.exists():  # a torn earlier attempt at this very step
+        shutil.rmtree(tag_dir)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"vlmoe": state}, save_latest=False,
+                           exclude_frozen_parameters=exclude_frozen)
+    (tag_dir / f".rank{rank}.done").touch()
+    barrier()
+    missing = _expected_shards(tag_dir, world_size, zero_stage) if rank == 0 else []
+    complete = torch.tensor([0.0 if missing else 1.0], device=engine.device)
+    torch.distributed.broadcast(complete, src=0)  # every rank fails together, none hangs
+    if not complete.item():
+        raise CheckpointError(f"checkpoint {tag_dir} is incomplete after save (missing {missing or 'shards'}); "
+                              f"the previous checkpoint stays committed in {root / POINTER}")
+    if rank == 0:
+        _write_atomic(root / POINTER, tag + "\n")
+        _prune(root, keep, keep_tag=tag)
+    barrier()
+    return tag_dir
+
+
+def _prune(root: Path, keep: int, keep_tag: str) -> None:
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name))
+    newest_committed = tags.index(keep_tag)
+    # older committed checkpoints beyond `keep`; anything newer than the pointer is a torn save
+    stale = tags[: max(0, newest_committed + 1 - keep)] + tags[newest_committed + 1:]
+    for name in stale:
+        shutil.rmtree(root / name, ignore_errors=True)
+
+
+def committed_tag(root: Path) -> Optional[str]:
+    """The tag named by our pointer, or None if nothing was ever committed."""
+    pointer = root / POINTER
+    if not pointer.exists():
+        return None
+    tag = pointer.read_text(encoding="utf-8").strip()
+    if not _TAG.match(tag):
+        raise CheckpointError(f"{pointer} holds {tag!r}, not a checkpoint tag like 'step_00000100'")
+    if not (root / tag).is_dir():
+        raise CheckpointError(f"{pointer} names {tag} but {root / tag} does not exist")
+    return tag
+
+
+def load(engine: Any, root: Path, tag: str, *, load_optimizer: bool = True) -> dict:
+    """Load the committed checkpoint ``tag`` into ``engine``; returns the trainer's state."""
+    path, client_state = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer,
+        load_module_strict=True)
+    if path is None or client_state is None or "vlmoe" not in client_state:
+        raise CheckpointError(f"could not load checkpoint {root / tag}")
+    return client_state["vlmoe"]
+
+
+def load_module_weights(module: torch.nn.Module, checkpoint_dir: str | os.PathLike, strict: bool = True) -> list[str]:
+    """Load the model weights of a committed run checkpoint into a bare module (no engine).
+
+    ``checkpoint_dir`` is a run's ``checkpoints/`` directory (the committed tag is used) or a
+    tag directory. Returns the names of the module's keys the checkpoint did not have.
+    """
+    path = Path(checkpoint_dir)
+    if (path / POINTER).exists():
+        path = path / committed_tag(path)
+    files = sorted(glob.glob(str(path / "*model_states.pt")))
+    if not files:
+        raise CheckpointError(f"no model_states.pt in {path}: not a vlmoe checkpoint")
+    _allow_deepspeed_globals()
+    state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    result = module.load_state_dict(state, strict=strict)
+    return list(result.missing_keys)
