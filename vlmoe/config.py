@@ -16,7 +16,11 @@ from typing import Any, Optional
 import yaml
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+    """Bad input from the user (config, data, checkpoint path): reported without a traceback."""
+
+
+class ConfigError(UsageError):
     """A configuration file or override that cannot be used; the message names the key."""
 
 
@@ -30,6 +34,8 @@ class DataConfig:
     text_batch: int = 16
     pair_batch: int = 16
     eval_batches: int = 4
+    # DataLoader processes per rank that prefetch batches (0: load in the training process)
+    num_workers: int = 0
 
 
 @dataclass
@@ -76,6 +82,8 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     dist_timeout_s: int = 600
+    # DeepSpeed's shared-memory allreduce on CPU: faster, but a 1-2 minute build on first use
+    shm_comm: bool = True
     progress_bar: bool = True
 
 

@@ -1,0 +1,66 @@
+"""``vlmoe prepare | pretrain CONFIG [key=value ...]``
+
+CONFIG is a YAML path or the name of a shipped config (``vlmoe/configs/*.yaml``).
+Launch training on several ranks with ``deepspeed --num_gpus N --module vlmoe pretrain ...``
+or ``torchrun --nproc_per_node N -m vlmoe pretrain ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Optional
+
+from vlmoe.config import RunConfig, UsageError, load_config
+
+
+def _prepare(cfg: RunConfig) -> None:
+    from vlmoe.data.prepare import SourceSpec, prepare
+    from vlmoe.model.config import model_config
+
+    p = cfg.prepare
+    specs = []
+    for entry in p.sources:
+        name, _, path = str(entry).partition(":")
+        specs.append(SourceSpec(name=name, path=path or None, max_items=p.max_items_per_source))
+    preset = model_config(cfg.model.preset, **cfg.model.overrides)
+    prepare(cfg.data.dir, specs, val_fraction=p.val_fraction, seed=cfg.seed, text_vocab_size=p.text_vocab_size,
+            image_size=preset.image_size, patch_size=preset.patch_size, codebook_size=p.codebook_size,
+            tokenizer_fit_images=p.tokenizer_fit_images)
+
+
+def _pretrain(cfg: RunConfig) -> None:
+    from vlmoe.train.pretrain import pretrain
+
+    pretrain(cfg)
+
+
+COMMANDS = {"prepare": _prepare, "pretrain": _pretrain}
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    # The deepspeed launcher appends --local_rank=N (the rank also arrives in LOCAL_RANK).
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if re.fullmatch(r"--local[_-]rank=\d+", arg):
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="vlmoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("config", help="YAML file, or a shipped config name such as pretrain_tiny")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.depth=2")
+    args = parser.parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    try:
+        COMMANDS[args.command](load_config(args.config, args.overrides))
+    except UsageError as exc:  # bad config or data: a message, not a traceback
+        parser.exit(2, f"vlmoe: error: {exc}\n")

@@ -1,0 +1,106 @@
+"""Masked data modeling pretraining (MLM, MIM, VLM) as a Task for the one trainer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlmoe.config import ConfigError, RunConfig
+from vlmoe.data.collate import PretrainCollator
+from vlmoe.data.images import image_to_tensor
+from vlmoe.data.loader import (SUBSET_DIRS, TEXT_TOKENIZER_FILE, VISUAL_TOKENIZER_FILE, DataDirError, StepBatches,
+                               check_data_dir)
+from vlmoe.data.text_tokenizer import TextTokenizer
+from vlmoe.data.visual_tokenizer import load_visual_tokenizer
+from vlmoe.model.config import ModelConfig, model_config
+from vlmoe.model.pretraining import VLMoEForPretraining
+from vlmoe.train.distributed import DistInfo
+from vlmoe.train.trainer import Task
+
+# fields of the model that come from the prepared data, not from the config
+DERIVED_FIELDS = ("vocab_size", "codebook_size")
+
+
+def batch_sizes(cfg: RunConfig) -> dict[str, int]:
+    return {"image": cfg.data.image_batch, "text": cfg.data.text_batch, "pair": cfg.data.pair_batch}
+
+
+def resolve_model_config(cfg: RunConfig, text_tokenizer: TextTokenizer, visual_tokenizer) -> ModelConfig:
+    """The preset, the config's overrides, and the sizes fixed by the tokenizers."""
+    for key in DERIVED_FIELDS:
+        if key in cfg.model.overrides:
+            raise ConfigError(f"config key 'model.{key}' is set by the prepared tokenizers; remove it")
+    derived = {"vocab_size": text_tokenizer.vocab_size}
+    if visual_tokenizer is not None:
+        derived["codebook_size"] = visual_tokenizer.codebook_size
+    try:
+        model_cfg = model_config(cfg.model.preset, **cfg.model.overrides, **derived)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config section 'model': {exc}") from exc
+    if visual_tokenizer is not None and visual_tokenizer.patch_size != model_cfg.patch_size:
+        raise ConfigError(f"model.patch_size={model_cfg.patch_size} but the visual tokenizer in {cfg.data.dir} was "
+                          f"fitted on {visual_tokenizer.patch_size}-pixel patches: prepare again with this config")
+    return model_cfg
+
+
+def count_tokens(batch: dict) -> int:
+    """Tokens the backbone processes in one micro-batch (patches + real text tokens)."""
+    tokens = 0
+    for part in batch.values():
+        if "mim_targets" in part:
+            tokens += part["mim_targets"].numel()
+        if "pad_mask" in part:
+            tokens += int(part["pad_mask"].sum())
+    return tokens
+
+
+def build_pretrain_task(cfg: RunConfig, info: DistInfo) -> Task:
+    sizes = batch_sizes(cfg)
+    subsets = [s for s, b in sizes.items() if b > 0]
+    root = check_data_dir(cfg.data.dir, subsets)
+    text_tokenizer = TextTokenizer.load(str(root / TEXT_TOKENIZER_FILE))
+    needs_images = sizes["image"] > 0 or sizes["pair"] > 0
+    visual_tokenizer = load_visual_tokenizer(str(root / VISUAL_TOKENIZER_FILE)) if needs_images else None
+    model_cfg = resolve_model_config(cfg, text_tokenizer, visual_tokenizer)
+
+    collator = PretrainCollator(text_tokenizer, visual_tokenizer, max_text_len=model_cfg.max_text_len,
+                                mlm_prob=cfg.pretrain.mlm_prob, mim_ratio=cfg.pretrain.mim_ratio,
+                                vlm_text_prob=cfg.pretrain.vlm_text_prob,
+                                vlm_image_ratio=cfg.pretrain.vlm_image_ratio, seed=cfg.seed)
+
+    def load_example(subset: str, row: dict) -> dict:
+        example = {}
+        if subset in ("image", "pair"):
+            example["pixels"] = image_to_tensor(row["image"], model_cfg.image_size)
+        if subset in ("text", "pair"):
+            example["text"] = row["text"]
+        return example
+
+    def batches(split: str, length: int) -> StepBatches:
+        datasets = {s: _load_split(root, s, split) for s in subsets}
+        return StepBatches(datasets, sizes, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
+                           load_example=load_example, collate=collator, length=length)
+
+    total_micro_steps = cfg.train.steps * cfg.train.grad_accum
+    model = VLMoEForPretraining(model_cfg)
+    return Task(model=model, train_batches=batches("train", total_micro_steps),
+                eval_batches=batches("validation", cfg.data.eval_batches), count_tokens=count_tokens)
+
+
+def _load_split(root: Path, subset: str, split: str):
+    import datasets
+
+    path = root / SUBSET_DIRS[subset]
+    dataset = datasets.load_from_disk(str(path))
+    if split not in dataset:
+        raise DataDirError(f"'{path}' has no '{split}' split (has {list(dataset)})")
+    if len(dataset[split]) == 0:
+        raise DataDirError(f"'{path}' split '{split}' is empty; set data.{subset}_batch=0 to train without it")
+    return dataset[split]
+
+
+def pretrain(cfg: RunConfig) -> Path:
+    from vlmoe.train.trainer import run
+
+    torch.set_float32_matmul_precision("high")
+    return run(cfg, build_pretrain_task)

@@ -1,0 +1,192 @@
+"""The one DeepSpeed training loop. Every command (pretrain, finetune) is a Task run by it.
+
+Read top to bottom: join the job, set up the run directory, build the task (data and
+model), wrap it in a DeepSpeed engine, resume from the last committed checkpoint, then
+step / log / evaluate / save until ``train.steps``.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from vlmoe.config import RunConfig, dump_config
+from vlmoe.data.loader import StepBatches, iterate, to_device
+from vlmoe.train import checkpoint
+from vlmoe.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from vlmoe.train.metrics import MetricsLog
+from vlmoe.train.schedule import lr_at
+
+
+@dataclass
+class Task:
+    """What a command trains: the model and its batches.
+
+    ``model(batch)`` returns a dict with "loss" and any scalar metrics to log.
+    ``metrics(model)`` adds layer metrics (e.g. MoE load) after a step; ``on_eval`` runs
+    after each evaluation (e.g. accuracy over the validation split) and returns metrics.
+    """
+
+    model: torch.nn.Module
+    train_batches: StepBatches
+    eval_batches: Optional[StepBatches]
+    count_tokens: Callable[[dict], int]
+    exclude_frozen: bool = False
+    extra_metrics: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None
+
+
+def _seed_step(seed: int, step: int, micro: int, rank: int) -> None:
+    # Stochastic depth and any other torch randomness depend on (seed, step, rank) only,
+    # so a resumed run draws what the uninterrupted run drew without saving RNG state.
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """DeepSpeed settings generated from the run config; ``cfg.deepspeed`` overrides them."""
+    t = cfg.train
+    ds = {
+        # Our micro-batch is a dict of subsets; DeepSpeed uses this only for its own counters.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.grad_accum * world_size,
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps,
+                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: no weight decay on biases, norms, embeddings' extra tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or name.endswith(("cls_token", "mask_token", "pos_embed", "type_embed"))
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def _scalars(out: dict) -> dict[str, float]:
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()
+            if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))}
+
+
+@torch.no_grad()
+def evaluate(engine, batches: StepBatches, num_batches: int, info: DistInfo) -> dict[str, float]:
+    """Mean of the model's scalar outputs over ``num_batches`` fixed validation batches."""
+    engine.eval()
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(iterate(batches, 0, 0)):
+        if i == num_batches:
+            break
+        for key, value in _scalars(engine(to_device(batch, info.device, _dtype(engine)))).items():
+            totals[key] = totals.get(key, 0.0) + value / num_batches
+    engine.train()
+    return {f"val/{k}": v for k, v in all_reduce_mean(totals, info.device).items()}
+
+
+def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Path:
+    """Train ``build_task``'s task under ``cfg``; resumes if the run directory has a checkpoint."""
+    import deepspeed
+
+    info = init_distributed(cfg.train.dist_timeout_s, shm_comm=cfg.train.shm_comm)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    barrier()
+
+    task = build_task(cfg, info)
+    t = cfg.train
+    engine, _, _, _ = deepspeed.initialize(model=task.model, model_parameters=param_groups(task.model, t.weight_decay),
+                                           config=deepspeed_config(cfg, info.world_size))
+    checkpoint.install_safe_loading(engine)
+
+    start_step = 0
+    tag = checkpoint.committed_tag(ckpt_dir)
+    if tag is not None:
+        start_step = checkpoint.load(engine, ckpt_dir, tag)["step"]
+        if info.is_main:
+            print(f"resuming from {ckpt_dir / tag} at step {start_step}", flush=True)
+
+    log = MetricsLog(run_dir, start_step, enabled=info.is_main)
+    progress = _progress_bar(cfg, start_step, info)
+    batches = iterate(task.train_batches, start_step * t.grad_accum, cfg.data.num_workers)
+    dtype = _dtype(engine)
+    window_start, window_tokens = time.perf_counter(), 0
+
+    for step in range(start_step, t.steps):
+        lr = lr_at(step, peak_lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        step_metrics: dict[str, float] = {}
+        for micro in range(t.grad_accum):
+            _seed_step(cfg.seed, step, micro, info.rank)
+            batch = next(batches)
+            window_tokens += task.count_tokens(batch)
+            out = engine(to_device(batch, info.device, dtype))
+            engine.backward(out["loss"])
+            engine.step()
+            for key, value in _scalars(out).items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + value / t.grad_accum
+
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            if task.extra_metrics is not None:
+                step_metrics.update(task.extra_metrics(engine.module))
+            elapsed = time.perf_counter() - window_start
+            step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+            values = all_reduce_mean(step_metrics, info.device)
+            values["tokens_per_s"] *= info.world_size  # each rank counted its own tokens
+            values["lr"] = lr
+            log.log(done, values)
+            progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if task.eval_batches is not None and (done % t.eval_every == 0 or done == t.steps):
+            log.log(done, evaluate(engine, task.eval_batches, cfg.data.eval_batches, info))
+        if done % t.save_every == 0 or done == t.steps:
+            checkpoint.save(engine, ckpt_dir, done, {"step": done}, rank=info.rank, world_size=info.world_size,
+                            zero_stage=t.zero_stage, keep=t.keep_checkpoints, exclude_frozen=task.exclude_frozen)
+        progress.update(1)
+
+    progress.close()
+    log.close()
+    if info.is_main:
+        print(f"done: {t.steps} steps\n  checkpoint: {ckpt_dir / checkpoint.committed_tag(ckpt_dir)}\n"
+              f"  metrics:    {run_dir / 'metrics.jsonl'}\n  tensorboard: {run_dir / 'tensorboard'}", flush=True)
+    return run_dir
+
+
+def _progress_bar(cfg: RunConfig, start_step: int, info: DistInfo):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                disable=not (info.is_main and cfg.train.progress_bar))
