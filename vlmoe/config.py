@@ -104,7 +104,9 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # extra DeepSpeed settings merged over the generated ones (see ds_configs/)
+    # a DeepSpeed JSON file (path, or a name in ds_configs/) merged over the generated
+    # settings, then the `deepspeed` mapping merged over both
+    ds_config: Optional[str] = None
     deepspeed: dict = field(default_factory=dict)
 
 

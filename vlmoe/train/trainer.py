@@ -7,6 +7,7 @@ step / log / evaluate / save until ``train.steps``.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vlmoe.config import RunConfig, dump_config
+from vlmoe.config import ConfigError, RunConfig, dump_config
 from vlmoe.data.loader import StepBatches, iterate, to_device
 from vlmoe.train import checkpoint
 from vlmoe.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
@@ -63,7 +64,21 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if cfg.ds_config:
+        ds = _merge(ds, _read_ds_file(cfg.ds_config))
     return _merge(ds, cfg.deepspeed)
+
+
+def _read_ds_file(name: str) -> dict:
+    path = Path(name)
+    if not path.is_file():
+        path = Path(__file__).resolve().parents[2] / "ds_configs" / (name if name.endswith(".json") else name + ".json")
+    if not path.is_file():
+        raise ConfigError(f"config key 'ds_config': file '{name}' not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config key 'ds_config': '{path}' is not valid JSON: {exc}") from exc
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -126,8 +141,10 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
 
     task = build_task(cfg, info)
     t = cfg.train
+    ds_config = deepspeed_config(cfg, info.world_size)
+    zero_stage = ds_config["zero_optimization"].get("stage", 0)
     engine, _, _, _ = deepspeed.initialize(model=task.model, model_parameters=param_groups(task.model, t.weight_decay),
-                                           config=deepspeed_config(cfg, info.world_size))
+                                           config=ds_config)
     checkpoint.install_safe_loading(engine)
 
     start_step = 0
@@ -174,7 +191,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
             log.log(done, evaluate(engine, task.eval_batches, cfg.data.eval_batches, info))
         if done % t.save_every == 0 or done == t.steps:
             checkpoint.save(engine, ckpt_dir, done, {"step": done}, rank=info.rank, world_size=info.world_size,
-                            zero_stage=t.zero_stage, keep=t.keep_checkpoints, exclude_frozen=task.exclude_frozen)
+                            zero_stage=zero_stage, keep=t.keep_checkpoints, exclude_frozen=task.exclude_frozen)
         progress.update(1)
 
     progress.close()
