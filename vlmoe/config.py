@@ -229,8 +229,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'train.{key}' must be positive, got {getattr(t, key)}")
     if len(t.betas) != 2:
         raise ConfigError(f"config key 'train.betas' needs two values, got {t.betas}")
-    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
-        raise ConfigError(f"config key 'train.warmup_steps' must lie in [0, train.steps], got {t.warmup_steps}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"config key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
     d = cfg.data
     if min(d.image_batch, d.text_batch, d.pair_batch) < 0 or d.image_batch + d.text_batch + d.pair_batch == 0:
         raise ConfigError("config keys 'data.image_batch', 'data.text_batch', 'data.pair_batch': need >= 0 and at least one > 0")

@@ -1,0 +1,65 @@
+"""Shared fixtures: a small prepared dataset and real multi-rank launches."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# small and fast, same code path as the quick start
+TEST_OVERRIDES = [
+    "data.image_batch=8", "data.text_batch=8", "data.pair_batch=8", "data.eval_batches=2",
+    "train.warmup_steps=3", "train.log_every=1", "train.shm_comm=false", "train.progress_bar=false",
+    "train.dist_timeout_s=120",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env["DS_ACCELERATOR"] = "cpu"
+    env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def deepspeed_cmd(num_ranks: int, *args: str) -> list[str]:
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    return [sys.executable, launcher, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+            "--module", "vlmoe", *args]
+
+
+def torchrun_cmd(num_ranks: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_ranks),
+            "--master_port", str(free_port()), "-m", "vlmoe", *args]
+
+
+def run(cmd: list[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a launch to completion (killed at ``timeout``); output kept for assertions."""
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> Path:
+    """The five real sources, a few hundred records each, prepared once per session."""
+    from vlmoe.data.prepare import DEFAULT_SOURCES, SourceSpec, prepare
+
+    out = tmp_path_factory.mktemp("data") / "small"
+    sources = [SourceSpec(name=s.name, path=s.path, max_items=300) for s in DEFAULT_SOURCES]
+    prepare(str(out), sources, val_fraction=0.1, seed=0, text_vocab_size=600, image_size=32, patch_size=8,
+            codebook_size=64, tokenizer_fit_images=400)
+    return out

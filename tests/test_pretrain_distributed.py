@@ -1,0 +1,160 @@
+"""Pretraining on 2 real ranks (gloo): launchers agree, loss falls, kill -9 and torn saves resume exactly."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TEST_OVERRIDES, deepspeed_cmd, free_port, launch_env, run, torchrun_cmd
+from vlmoe.train.checkpoint import POINTER, committed_tag, tag_for
+from vlmoe.train.metrics import read_metrics
+
+STEPS = 16
+LOSS_KEYS = ("loss", "mlm", "mim", "vlm")
+
+
+def pretrain_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["pretrain", "pretrain_tiny", f"data.dir={data}", f"run_dir={run_dir}", f"train.steps={STEPS}",
+            "train.save_every=4", "train.eval_every=8", *TEST_OVERRIDES, *extra]
+
+
+def losses(run_dir: Path) -> dict[int, tuple]:
+    return {r["step"]: tuple(r[k] for k in LOSS_KEYS) for r in read_metrics(run_dir, "loss")}
+
+
+@pytest.fixture(scope="module")
+def reference(prepared_data, tmp_path_factory) -> Path:
+    """One uninterrupted run through the deepspeed launcher: the numbers the others must match."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    run(deepspeed_cmd(2, *pretrain_args(prepared_data, run_dir)), timeout=600)
+    return run_dir
+
+
+def test_run_directory_and_falling_losses(reference):
+    records = read_metrics(reference, "loss")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for key in ("loss", "mlm", "mim", "vlm", "vlm_text", "vlm_image", "lr", "tokens_per_s"):
+        assert all(key in r for r in records), key
+    for key in ("mlm", "mim", "vlm"):
+        first = sum(r[key] for r in records[:4]) / 4
+        last = sum(r[key] for r in records[-4:]) / 4
+        assert last < 0.9 * first, f"{key} did not fall: {first:.3f} -> {last:.3f}"
+    val = read_metrics(reference, "val/loss")
+    assert [r["step"] for r in val] == [8, 16] and all(r["val/mlm"] > 0 for r in val)
+    assert (reference / "config.yaml").exists()
+    assert any((reference / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = reference / "checkpoints"
+    assert committed_tag(ckpts) == tag_for(STEPS)
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [tag_for(12), tag_for(16)]  # keep=2
+
+
+def test_torchrun_matches_deepspeed_launcher(prepared_data, reference, tmp_path):
+    run_dir = tmp_path / "torchrun"
+    run(torchrun_cmd(2, *pretrain_args(prepared_data, run_dir)), timeout=600)
+    assert losses(run_dir) == losses(reference)
+
+
+def test_two_nodes_through_a_hostfile(prepared_data, reference, tmp_path):
+    """Two 'nodes' of one rank each on this machine: deepspeed --hostfile --no_ssh."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    run_dir, port = tmp_path / "multinode", str(free_port())
+    launcher = str(Path(os.sys.executable).with_name("deepspeed"))
+    procs = [subprocess.Popen([os.sys.executable, launcher, "--hostfile", str(hostfile), "--no_ssh",
+                               "--node_rank", str(r), "--master_addr", "127.0.0.1", "--master_port", port,
+                               "--module", "vlmoe", *pretrain_args(prepared_data, run_dir)],
+                              cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert losses(run_dir) == losses(reference)
+
+
+def _rank_pid(run_dir: Path, local_rank: int) -> int:
+    """The pid of the training process of ``local_rank`` in the job writing ``run_dir``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"run_dir={run_dir}".encode() in argv and f"--local_rank={local_rank}".encode() in argv:
+            return int(entry.name)
+    raise AssertionError(f"no rank {local_rank} process for {run_dir}")
+
+
+def _wait_for_commit(run_dir: Path, tag: str, proc: subprocess.Popen, timeout: float) -> None:
+    pointer = run_dir / "checkpoints" / POINTER
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pointer.exists() and pointer.read_text().strip() >= tag:
+            return
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{tag} was not committed within {timeout}s")
+
+
+def test_kill9_then_torn_save_resume_identically(prepared_data, reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    cmd = deepspeed_cmd(2, *pretrain_args(prepared_data, run_dir))
+    job = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_commit(run_dir, tag_for(8), job, timeout=400)
+        os.kill(_rank_pid(run_dir, 1), signal.SIGKILL)
+        output = job.communicate(timeout=120)[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    # one dead rank ends the whole job, and the launcher says which rank died
+    assert job.returncode != 0
+    assert "exit" in output.lower() and ("-9" in output or "Killed" in output or "SIGKILL" in output), output[-3000:]
+    ckpts = run_dir / "checkpoints"
+    good = committed_tag(ckpts)
+    good_step = int(good.split("_")[1])
+    assert 8 <= good_step < STEPS
+
+    # A torn save after it: shards of one rank missing, DeepSpeed's own `latest` naming it.
+    torn = ckpts / tag_for(good_step + 4)
+    shutil.rmtree(torn, ignore_errors=True)
+    shutil.copytree(ckpts / good, torn)
+    for f in torn.glob("*zero_pp_rank_1_*"):
+        f.unlink()
+    (torn / ".rank1.done").unlink()
+    (ckpts / "latest").write_text(torn.name)
+
+    proc = run(cmd, timeout=600)
+    assert f"resuming from {ckpts / good} at step {good_step}" in proc.stdout
+    assert losses(run_dir) == losses(reference)  # every step, bitwise
+    assert committed_tag(ckpts) == tag_for(STEPS)
+
+
+def test_hung_peer_fails_within_the_configured_timeout(prepared_data, tmp_path):
+    """A stopped (not dead) rank: the others give up after train.dist_timeout_s, not 30 min."""
+    run_dir = tmp_path / "hung"
+    cmd = deepspeed_cmd(2, *pretrain_args(prepared_data, run_dir, "train.dist_timeout_s=15"))
+    job = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped = None
+    try:
+        _wait_for_commit(run_dir, tag_for(4), job, timeout=400)
+        stopped = _rank_pid(run_dir, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        start = time.monotonic()
+        output = job.communicate(timeout=180)[0]
+        waited = time.monotonic() - start
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert waited < 120, f"job hung {waited:.0f}s with a 15s timeout"
+    assert "timeout" in output.lower() or "timed out" in output.lower(), output[-3000:]
