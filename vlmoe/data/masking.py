@@ -68,7 +68,7 @@ def blockwise_mask(grid_h: int, grid_w: int, ratio: float, gen: torch.Generator)
 
     Rectangles of random area (at least min(16, remaining) patches) and log-uniform aspect ratio
     are added until exactly round(ratio * P) patches are masked; a block that would overshoot is
-    redrawn, and if blocks keep failing the last few patches are taken at random.
+    redrawn, and if blocks keep failing the last few patches are grown next to masked ones.
     """
     if grid_h <= 0 or grid_w <= 0:
         raise ValueError(f"patch grid must be positive, got {grid_h}x{grid_w}")
@@ -93,8 +93,16 @@ def blockwise_mask(grid_h: int, grid_w: int, ratio: float, gen: torch.Generator)
                 failures = 0
                 continue
         failures += 1
-    flat = mask.flatten()
-    if count < target:
-        free = (~flat).nonzero().flatten()
-        flat[free[torch.randperm(len(free), generator=gen)[:target - count]]] = True
-    return flat
+    for _ in range(target - count):
+        _grow_by_one(mask, gen)
+    return mask.flatten()
+
+
+def _grow_by_one(mask: torch.Tensor, gen: torch.Generator) -> None:
+    """Mask one more patch of mask [h, w], next to a masked one where possible (keeps blocks compact)."""
+    padded = torch.nn.functional.pad(mask, (1, 1, 1, 1))
+    touching = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    candidates = (touching & ~mask).flatten().nonzero().flatten()
+    if len(candidates) == 0:
+        candidates = (~mask).flatten().nonzero().flatten()
+    mask.view(-1)[candidates[_randint(gen, 0, len(candidates))]] = True
