@@ -197,7 +197,8 @@ class MultiwayTransformer(nn.Module):
             def ffn_factory(index: int, modality: str) -> nn.Module:
                 return FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.init_std)
         self.embeddings = MultiwayEmbeddings(cfg)
-        drop_rates = torch.linspace(0.0, cfg.drop_path, cfg.depth).tolist()
+        # Stochastic depth grows linearly from 0 (first block) to drop_path (last block).
+        drop_rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(MultiwayBlock(cfg, i, ffn_factory, drop_rates[i]) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self._init_weights()
