@@ -110,7 +110,7 @@ def test_parameter_counts(preset):
         assert 145e6 < backbone_without_words < 160e6
 
 
-def test_meta_device_build_and_grad_checkpointing_flag():
+def test_grad_checkpointing_flag_comes_from_config():
     cfg = tiny(grad_checkpointing=True)
     assert MultiwayTransformer(cfg).grad_checkpointing
 
