@@ -1,1 +1,10 @@
+"""Our sparse MoE layer: top-k routing with capacity and BPR, aux losses, index dispatch, expert parallelism."""
+from vlmoe.moe import losses
+from vlmoe.moe.backbone import collect_aux_loss, collect_metrics, freeze_moe, moe_ffn_factory, moe_layers
+from vlmoe.moe.config import MoEConfig
+from vlmoe.moe.layer import MoE
+from vlmoe.moe.params import parameter_report
+from vlmoe.moe.router import Routing, expert_capacity, route
 
+__all__ = ["MoE", "MoEConfig", "Routing", "collect_aux_loss", "collect_metrics", "expert_capacity", "freeze_moe",
+           "losses", "moe_ffn_factory", "moe_layers", "parameter_report", "route"]

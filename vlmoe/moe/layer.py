@@ -1,0 +1,144 @@
+"""The sparse MoE layer: router, top-k routing with capacity and BPR, dispatch, experts, combine."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmoe.moe.dispatch import combine, dispatch
+from vlmoe.moe.experts import Experts
+from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE, RouterTensors, aux_loss_terms, weighted_aux_loss
+from vlmoe.moe.metrics import RoutingStats
+from vlmoe.moe.parallel import ep_rank_and_size, run_expert_parallel
+from vlmoe.moe.router import expert_capacity, route
+
+
+def _current_task() -> Optional[str]:
+    # Per-task metrics only; the backbone package owns the task contextvar.
+    from vlmoe.model.task import current_task
+
+    return current_task()
+
+
+def _in_backward() -> bool:
+    # Activation checkpointing re-runs forward inside backward; that re-run must not count twice.
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoE(nn.Module):
+    """Sparse mixture of FFN experts replacing one FFN: forward(x [..., d_model], token_mask) -> same shape.
+
+    Tokens (those with token_mask True, all if None) form one routing group; padding takes no
+    capacity and gets zero output, as do dropped tokens (the residual carries them). In training
+    the layer keeps its weighted aux loss (`pop_aux_loss`) and routing statistics
+    (`pop_metrics`) so that the return type stays a tensor.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 1, capacity_factor: float = 1.05,
+                 eval_capacity_factor: float = 1.0, batch_priority: bool = True, min_capacity: int = 4,
+                 noise_std: float = 1.0, aux_losses: Sequence[str] = ("vloss",), aux_weight: float = 0.01,
+                 z_loss_weight: float = 0.0, ep_group: Optional[object] = None, init_std: float = 0.02,
+                 seed: Optional[int] = None, metric_prefix: str = "moe") -> None:
+        super().__init__()
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"MoE: k must be in [1, num_experts={num_experts}], got {k}")
+        if capacity_factor <= 0 or eval_capacity_factor <= 0:
+            raise ValueError(f"MoE: capacity factors must be > 0, got {capacity_factor}, {eval_capacity_factor}")
+        unknown = sorted(set(aux_losses) - set(AUX_LOSSES))
+        if unknown:
+            raise ValueError(f"MoE: unknown aux loss(es) {unknown}; choose from {sorted(AUX_LOSSES)}")
+        if noise_std <= 0 and NEEDS_NOISE.intersection(aux_losses):
+            raise ValueError(f"MoE: aux losses {sorted(NEEDS_NOISE.intersection(aux_losses))} need noise_std > 0")
+        ep_rank, ep_size = ep_rank_and_size(ep_group)
+        if num_experts % ep_size:
+            raise ValueError(f"MoE: num_experts={num_experts} is not divisible by the EP group size {ep_size}")
+        self.d_model, self.num_experts, self.k = d_model, num_experts, k
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.batch_priority, self.min_capacity, self.noise_std = batch_priority, min_capacity, noise_std
+        self.aux_losses, self.aux_weight, self.z_loss_weight = tuple(aux_losses), aux_weight, z_loss_weight
+        self.ep_group, self.ep_size = ep_group, ep_size
+        self.metric_prefix = metric_prefix
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.trunc_normal_(self.router.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+        num_local = num_experts // ep_size
+        self.experts = Experts(d_model, d_ff, num_local, first_expert=ep_rank * num_local, init_std=init_std,
+                               seed=seed)
+        self.stats = RoutingStats(num_experts)
+        self._aux_sum: Optional[torch.Tensor] = None
+        self._aux_calls = 0
+
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [..., d_model], token_mask [...] bool (True = real token) -> [..., d_model]."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE: expected last dim {self.d_model}, got input shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.d_model)
+        if token_mask is not None:
+            if token_mask.shape != x.shape[:-1]:
+                raise ValueError(f"MoE: token_mask shape {tuple(token_mask.shape)} does not match input "
+                                 f"{tuple(x.shape[:-1])}")
+            real = token_mask.reshape(-1).nonzero().squeeze(1)
+            tokens = flat.index_select(0, real)
+        else:
+            tokens = flat
+        out_tokens = self._moe(tokens)
+        if token_mask is not None:
+            out = flat.new_zeros(flat.shape).index_copy(0, real, out_tokens)
+        else:
+            out = out_tokens
+        return out.view(x.shape)
+
+    def _moe(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [S, d] -> [S, d] for one routing group."""
+        logits = F.linear(tokens.float(), self.router.weight.float())  # [S, E], routing in fp32
+        noise_std = self.noise_std / self.num_experts if self.training and self.noise_std > 0 else 0.0
+        noisy = logits + torch.randn_like(logits) * noise_std if noise_std > 0 else logits
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, capacity_factor, self.min_capacity)
+        routing = route(noisy, self.k, capacity, self.batch_priority)
+        buffers = dispatch(tokens, routing, self.num_experts)
+        if self.ep_group is None:
+            expert_out = self.experts(buffers)
+        else:
+            expert_out = run_expert_parallel(buffers, self.experts, self.ep_group)
+        out = combine(expert_out, routing)
+        if not _in_backward():
+            self._record(routing, logits, noisy, noise_std)
+        return out
+
+    def _record(self, routing, logits: torch.Tensor, noisy: torch.Tensor, noise_std: float) -> None:
+        terms: dict[str, torch.Tensor] = {}
+        if self.training and logits.shape[0] > 0:
+            # Importance uses the clean gates; routing used the noisy ones (as in vmoe).
+            clean_gates = torch.softmax(logits, dim=-1) if noise_std > 0 else routing.gates
+            tensors = RouterTensors(logits=logits, noisy_logits=noisy, gates=clean_gates, expert=routing.expert,
+                                    k=self.k, noise_std=noise_std)
+            terms = aux_loss_terms(self.aux_losses, tensors, self.z_loss_weight)
+            total = weighted_aux_loss(terms, self.aux_weight, self.z_loss_weight)
+            if total is not None:
+                self._aux_sum = total if self._aux_sum is None else self._aux_sum + total
+                self._aux_calls += 1
+        self.stats.update(routing, _current_task(), terms)
+
+    def pop_aux_loss(self) -> Optional[torch.Tensor]:
+        """The weighted aux loss, averaged over training calls since the last pop (None if none); resets."""
+        if self._aux_sum is None:
+            return None
+        loss = self._aux_sum / self._aux_calls
+        self._aux_sum, self._aux_calls = None, 0
+        return loss
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Routing metrics since the last pop, named under `metric_prefix`; resets."""
+        return self.stats.summary(self.metric_prefix)
+
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        """BEiT depth rescale of the experts' output projections (called by the backbone)."""
+        self.experts.rescale_output_(factor)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, ep_size={self.ep_size}, "
+                f"capacity_factor={self.capacity_factor}/{self.eval_capacity_factor}, "
+                f"batch_priority={self.batch_priority}, aux={self.aux_losses}")

@@ -1,0 +1,80 @@
+"""Routing statistics of one MoE layer, accumulated over forward calls without host syncs.
+
+Names (under the layer's prefix, e.g. "moe/L1/v"): "dropped" (fraction of tokens that got no
+expert), "dropped/<task>" (per pretraining task, VL-MoE Fig. 6), "load/<e>" (fraction of
+routed choices that picked expert e, before capacity), "entropy" (mean router entropy, nats),
+"aux/<term>" (each unweighted aux term, mean over calls), "capacity" (mean slots per expert).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vlmoe.moe.router import Routing
+
+
+class RoutingStats:
+    """Running sums of routing statistics; `summary()` turns them into floats and resets."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        self._tokens: Optional[torch.Tensor] = None
+        self._dropped: Optional[torch.Tensor] = None
+        self._load: Optional[torch.Tensor] = None
+        self._entropy: Optional[torch.Tensor] = None
+        self._capacity = 0
+        self._calls = 0
+        self._task_dropped: dict[str, torch.Tensor] = {}
+        self._task_tokens: dict[str, torch.Tensor] = {}
+        self._aux: dict[str, torch.Tensor] = {}
+        self._aux_calls = 0
+
+    @staticmethod
+    def _add(total: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+        return value if total is None else total + value
+
+    @torch.no_grad()
+    def update(self, routing: Routing, task: Optional[str], aux_terms: dict[str, torch.Tensor]) -> None:
+        """Add one call's routing ([S, k] tensors) and its aux terms."""
+        num_tokens = torch.tensor(float(routing.expert.shape[0]), device=routing.expert.device)
+        dropped = (~routing.kept.any(dim=1)).sum().float()
+        load = torch.bincount(routing.expert.reshape(-1), minlength=self.num_experts).float()
+        gates = routing.gates
+        entropy = -(gates * torch.log(gates.clamp_min(1e-30))).sum()
+        self._tokens = self._add(self._tokens, num_tokens)
+        self._dropped = self._add(self._dropped, dropped)
+        self._load = self._add(self._load, load)
+        self._entropy = self._add(self._entropy, entropy)
+        self._capacity += routing.capacity
+        self._calls += 1
+        if task is not None:
+            self._task_dropped[task] = self._add(self._task_dropped.get(task), dropped)
+            self._task_tokens[task] = self._add(self._task_tokens.get(task), num_tokens)
+        if aux_terms:
+            for name, value in aux_terms.items():
+                self._aux[name] = self._add(self._aux.get(name), value.detach().float())
+            self._aux_calls += 1
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        """Flat metrics named "<prefix>/<name>" since the last summary (empty if no calls); resets."""
+        out: dict[str, float] = {}
+        if self._calls and self._tokens is not None and float(self._tokens) > 0:
+            tokens = float(self._tokens)
+            out[f"{prefix}/dropped"] = float(self._dropped) / tokens
+            out[f"{prefix}/entropy"] = float(self._entropy) / tokens
+            out[f"{prefix}/capacity"] = self._capacity / self._calls
+            load = self._load / self._load.sum()
+            for expert, value in enumerate(load.tolist()):
+                out[f"{prefix}/load/{expert}"] = value
+            for task, dropped in self._task_dropped.items():
+                task_tokens = float(self._task_tokens[task])
+                if task_tokens > 0:
+                    out[f"{prefix}/dropped/{task}"] = float(dropped) / task_tokens
+        for name, total in self._aux.items():
+            out[f"{prefix}/aux/{name}"] = float(total) / self._aux_calls
+        self.reset()
+        return out

@@ -1,0 +1,36 @@
+"""Parameter accounting of a sparse model: total, applied per token, routers."""
+from __future__ import annotations
+
+from torch import nn
+
+from vlmoe.moe.layer import MoE
+
+
+def parameter_report(model: nn.Module) -> dict[str, int]:
+    """Parameter counts of `model` (on this rank; experts held by other EP ranks are added).
+
+    total: all parameters of the full model (every expert of every pool).
+    applied_per_token: total minus, per MoE layer, the experts a token does not use (E - k).
+    routers: router weights. experts: all expert parameters. trainable: with requires_grad.
+    For a multiway backbone `applied_per_token` still counts both modality FFN stacks.
+    """
+    report = {"total": 0, "applied_per_token": 0, "routers": 0, "experts": 0, "trainable": 0}
+    expert_param_ids = set()
+    for layer in (m for m in model.modules() if isinstance(m, MoE)):
+        experts = layer.experts
+        local = sum(p.numel() for p in experts.parameters())
+        per_expert = local // experts.num_local
+        full_pool = per_expert * layer.num_experts
+        report["experts"] += full_pool
+        report["routers"] += layer.router.weight.numel()
+        report["total"] += full_pool
+        report["applied_per_token"] += per_expert * layer.k
+        report["trainable"] += full_pool if experts.w_in.requires_grad else 0
+        expert_param_ids.update(id(p) for p in experts.parameters())
+    for param in model.parameters():
+        if id(param) in expert_param_ids:
+            continue
+        report["total"] += param.numel()
+        report["applied_per_token"] += param.numel()
+        report["trainable"] += param.numel() if param.requires_grad else 0
+    return report
