@@ -103,22 +103,28 @@ class MoE(nn.Module):
         else:
             expert_out = run_expert_parallel(buffers, self.experts, self.ep_group)
         out = combine(expert_out, routing)
+        # Aux terms are computed on every run so that an activation-checkpoint re-run saves the
+        # same tensors; only the first run (not inside backward) records them.
+        terms = self._aux_terms(routing, logits, noisy, noise_std)
         if not _in_backward():
-            self._record(routing, logits, noisy, noise_std)
+            self._record(routing, terms)
         return out
 
-    def _record(self, routing, logits: torch.Tensor, noisy: torch.Tensor, noise_std: float) -> None:
-        terms: dict[str, torch.Tensor] = {}
-        if self.training and logits.shape[0] > 0:
-            # Importance uses the clean gates; routing used the noisy ones (as in vmoe).
-            clean_gates = torch.softmax(logits, dim=-1) if noise_std > 0 else routing.gates
-            tensors = RouterTensors(logits=logits, noisy_logits=noisy, gates=clean_gates, expert=routing.expert,
-                                    k=self.k, noise_std=noise_std)
-            terms = aux_loss_terms(self.aux_losses, tensors, self.z_loss_weight)
-            total = weighted_aux_loss(terms, self.aux_weight, self.z_loss_weight)
-            if total is not None:
-                self._aux_sum = total if self._aux_sum is None else self._aux_sum + total
-                self._aux_calls += 1
+    def _aux_terms(self, routing, logits: torch.Tensor, noisy: torch.Tensor,
+                   noise_std: float) -> dict[str, torch.Tensor]:
+        if not self.training or logits.shape[0] == 0:
+            return {}
+        # Importance uses the clean gates; routing used the noisy ones (as in vmoe).
+        clean_gates = torch.softmax(logits, dim=-1) if noise_std > 0 else routing.gates
+        tensors = RouterTensors(logits=logits, noisy_logits=noisy, gates=clean_gates, expert=routing.expert,
+                                k=self.k, noise_std=noise_std)
+        return aux_loss_terms(self.aux_losses, tensors, self.z_loss_weight)
+
+    def _record(self, routing, terms: dict[str, torch.Tensor]) -> None:
+        total = weighted_aux_loss(terms, self.aux_weight, self.z_loss_weight)
+        if total is not None:
+            self._aux_sum = total if self._aux_sum is None else self._aux_sum + total
+            self._aux_calls += 1
         self.stats.update(routing, _current_task(), terms)
 
     def pop_aux_loss(self) -> Optional[torch.Tensor]:

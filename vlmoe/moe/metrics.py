@@ -33,6 +33,11 @@ class RoutingStats:
         self._aux: dict[str, torch.Tensor] = {}
         self._aux_calls = 0
 
+    @property
+    def calls(self) -> int:
+        """Forward calls recorded since the last summary."""
+        return self._calls
+
     @staticmethod
     def _add(total: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
         return value if total is None else total + value

@@ -1,0 +1,219 @@
+"""The MoE layer against a per-token reference, padding, metrics, the backbone factory, config errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmoe.model.config import model_config
+from vlmoe.model.multiway import FeedForward, MultiwayTransformer
+from vlmoe.model.pretraining import VLMoEForPretraining
+from vlmoe.model.task import task_scope
+from vlmoe.moe import MoE, MoEConfig, collect_aux_loss, collect_metrics, freeze_moe, moe_ffn_factory, parameter_report
+from vlmoe.moe.backbone import moe_layers
+
+
+def reference_moe(layer: MoE, tokens: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Token-by-token MoE in plain Python: top-k of the gates, BPR order, k-major capacity."""
+    e = layer.experts
+    gates = F.linear(tokens, layer.router.weight).softmax(-1)
+    top = gates.topk(layer.k, dim=-1)
+    order = sorted(range(tokens.shape[0]), key=lambda s: (-top.values[s, 0].item(), s))
+    fill = [0] * layer.num_experts
+    out = torch.zeros_like(tokens)
+    for choice in range(layer.k):
+        for s in order:
+            expert = top.indices[s, choice].item()
+            if fill[expert] < capacity:
+                hidden = F.gelu(tokens[s] @ e.w_in[expert] + e.b_in[expert, 0])
+                out[s] += top.values[s, choice] * (hidden @ e.w_out[expert] + e.b_out[expert, 0])
+            fill[expert] += 1
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_layer_matches_per_token_reference(k):
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, k=k, capacity_factor=1.0, eval_capacity_factor=0.75, min_capacity=0).eval()
+    with torch.no_grad():
+        layer.experts.b_in.normal_()
+        layer.experts.b_out.normal_()
+        layer.router.weight.mul_(50)  # confident, unbalanced routing so that some tokens drop
+    x = torch.randn(3, 8, 8)
+    capacity = math.ceil(k * 0.75 * 24 / 4)
+    expected = reference_moe(layer, x.reshape(-1, 8), capacity).view_as(x)
+    got = layer(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    metrics = layer.pop_metrics()
+    dropped_rows = (expected.reshape(-1, 8).abs().sum(-1) == 0).float().mean().item()
+    assert metrics["moe/dropped"] == pytest.approx(dropped_rows)
+    assert 0 < metrics["moe/dropped"] < 1
+    assert metrics["moe/capacity"] == capacity
+    assert sum(metrics[f"moe/load/{i}"] for i in range(4)) == pytest.approx(1.0)
+
+
+def test_gradients_match_reference():
+    torch.manual_seed(1)
+    layer = MoE(6, 10, 3, k=2, eval_capacity_factor=0.8, min_capacity=0).eval()
+    x = torch.randn(12, 6, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in (layer.router.weight, layer.experts.w_in, layer.experts.w_out)]
+    gx = x.grad.clone()
+    layer.zero_grad()
+    x.grad = None
+    reference_moe(layer, x, math.ceil(2 * 0.8 * 12 / 3)).pow(2).sum().backward()
+    for got, param in zip(grads, (layer.router.weight, layer.experts.w_in, layer.experts.w_out)):
+        assert torch.allclose(got, param.grad, atol=1e-5)
+    assert torch.allclose(gx, x.grad, atol=1e-5)
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_padding_takes_no_capacity_and_gets_zero_output():
+    torch.manual_seed(2)
+    layer = MoE(8, 16, 4, min_capacity=0).eval()
+    x = torch.randn(2, 6, 8)
+    mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    out = layer(x, mask)
+    assert out[1, 3:].abs().sum() == 0
+    # same result as routing only the 9 real tokens as one group
+    real = layer(x[mask])
+    assert torch.allclose(out[mask], real, atol=1e-6)
+    assert layer.pop_metrics()["moe/capacity"] == math.ceil(9 / 4)
+    with pytest.raises(ValueError, match="token_mask shape"):
+        layer(x, mask[:, :3])
+
+
+def test_training_noise_aux_loss_and_task_metrics():
+    torch.manual_seed(3)
+    layer = MoE(8, 16, 4, aux_losses=("vloss", "switch"), z_loss_weight=0.001, metric_prefix="moe/L1/v").train()
+    x = torch.randn(32, 8)
+    with task_scope("mim"):
+        layer(x)
+    with task_scope("vlm"):
+        layer(x[:16])
+    metrics = layer.pop_metrics()
+    for name in ("dropped", "dropped/mim", "dropped/vlm", "entropy", "aux/vloss", "aux/switch", "aux/z", "load/3"):
+        assert f"moe/L1/v/{name}" in metrics
+    assert 0 < metrics["moe/L1/v/entropy"] <= math.log(4) + 1e-6
+    aux = layer.pop_aux_loss()
+    expected = 0.01 * (metrics["moe/L1/v/aux/vloss"] + metrics["moe/L1/v/aux/switch"]) + 0.001 * metrics["moe/L1/v/aux/z"]
+    assert aux.item() == pytest.approx(expected, rel=1e-5)
+    aux.backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+    assert layer.pop_aux_loss() is None and layer.pop_metrics() == {}
+    # noise makes training routing stochastic, evaluation is deterministic
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_eval_uses_eval_capacity_factor():
+    layer = MoE(4, 8, 2, capacity_factor=2.0, eval_capacity_factor=0.5, min_capacity=0)
+    layer.train()(torch.randn(8, 4))
+    assert layer.pop_metrics()["moe/capacity"] == 8
+    layer.eval()(torch.randn(8, 4))
+    assert layer.pop_metrics()["moe/capacity"] == 2
+
+
+def tiny_model(**moe_overrides):
+    cfg = model_config("tiny", depth=4, vl_ffn_start=3, drop_path=0.0)
+    moe_cfg = MoEConfig(num_experts=4, **moe_overrides)
+    return cfg, VLMoEForPretraining(cfg, moe_ffn_factory(cfg, moe_cfg))
+
+
+def test_factory_places_moe_in_every_second_lower_v_and_t_ffn():
+    cfg, model = tiny_model()
+    blocks = model.backbone.blocks
+    kinds = [(type(b.ffn_v).__name__, type(b.ffn_t).__name__, type(b.ffn_vl).__name__) for b in blocks]
+    assert kinds == [("FeedForward", "FeedForward", "NoneType"), ("MoE", "MoE", "NoneType"),
+                     ("FeedForward", "FeedForward", "NoneType"), ("FeedForward", "FeedForward", "FeedForward")]
+    assert blocks[1].ffn_v is not blocks[1].ffn_t
+    assert blocks[1].ffn_v.aux_losses == ("vloss",) and blocks[1].ffn_t.aux_losses == ("switch",)
+    assert blocks[1].ffn_v.router.weight.data_ptr() != blocks[1].ffn_t.router.weight.data_ptr()
+
+
+def _batch(cfg, b=2):
+    g = torch.Generator().manual_seed(0)
+    P, T = cfg.num_patches, 6
+    pad = torch.ones(b, T, dtype=torch.bool)
+    pad[1, 4:] = False
+    labels = torch.full((b, T), -100)
+    labels[:, 1] = 5
+    mim = torch.zeros(b, P, dtype=torch.bool)
+    mim[:, :3] = True
+    targets = torch.randint(0, cfg.codebook_size, (b, P), generator=g)
+    pixels = torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g)
+    ids = torch.randint(5, cfg.vocab_size, (b, T), generator=g)
+    return {"text": {"ids": ids, "pad_mask": pad, "labels": labels},
+            "image": {"pixels": pixels, "mim_mask": mim, "mim_targets": targets},
+            "pair": {"pixels": pixels, "ids": ids, "pad_mask": pad, "labels": labels, "mim_mask": mim,
+                     "mim_targets": targets}}
+
+
+def test_pretraining_model_collects_aux_loss_and_per_task_metrics():
+    torch.manual_seed(0)
+    cfg, model = tiny_model()
+    out = model(_batch(cfg))
+    aux = collect_aux_loss(model)
+    assert aux.item() > 0
+    (out["loss"] + aux).backward()
+    metrics = collect_metrics(model)
+    assert {"moe/L1/v/dropped/mim", "moe/L1/v/dropped/vlm", "moe/L1/t/dropped/mlm", "moe/L1/t/dropped/vlm",
+            "moe/L1/v/aux/vloss", "moe/L1/t/aux/switch", "moe/L1/t/load/3", "moe/L1/v/entropy"} <= set(metrics)
+    assert "moe/L1/v/dropped/mlm" not in metrics  # no image tokens in the text-only task
+    assert collect_metrics(model) == {} and collect_aux_loss(model).item() == 0.0
+
+
+def test_activation_checkpointing_does_not_double_count():
+    torch.manual_seed(0)
+    cfg = model_config("tiny", depth=2, vl_ffn_start=2, drop_path=0.0, grad_checkpointing=True)
+    # block 1 holds the MoE; checkpointing re-runs it (noise included) inside backward
+    model = VLMoEForPretraining(cfg, moe_ffn_factory(cfg, MoEConfig(num_experts=4)))
+    batch = _batch(cfg)
+    del batch["image"], batch["pair"]
+    out = model(batch)
+    aux = collect_aux_loss(model)
+    (out["loss"] + aux).backward()  # re-runs the block forward inside backward
+    assert collect_aux_loss(model).item() == 0.0
+    assert [layer.stats.calls for layer in moe_layers(model)] == [0, 1]  # text-only batch: T-MoE only (V first)
+    assert "moe/L1/t/dropped/mlm" in collect_metrics(model)
+
+
+def test_freeze_switch_and_parameter_report():
+    cfg, model = tiny_model(freeze=True)
+    layers = moe_layers(model)
+    assert len(layers) == 2 and all(not p.requires_grad for layer in layers for p in layer.parameters())
+    cfg, model = tiny_model()
+    assert freeze_moe(model) == sum(p.numel() for layer in moe_layers(model) for p in layer.parameters())
+    report = parameter_report(model)
+    d, f, E = cfg.dim, cfg.ffn_dim, 4
+    expert = d * f + f + f * d + d
+    dense = sum(p.numel() for p in VLMoEForPretraining(cfg).parameters())
+    assert report["routers"] == 2 * d * E
+    assert report["experts"] == 2 * E * expert
+    assert report["total"] == dense - 2 * expert + 2 * E * expert + 2 * d * E
+    assert report["applied_per_token"] == dense + 2 * d * E
+    assert report["trainable"] == report["total"] - report["experts"] - report["routers"]
+
+
+def test_moe_config_rejects_bad_values():
+    cases = [
+        (dict(num_experts=6, ep_size=4), "num_experts=6 is not divisible by ep_size=4"),
+        (dict(num_experts=4, k=5), "k=5 is larger than num_experts=4"),
+        (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
+        (dict(eval_capacity_factor=-1.0), "eval_capacity_factor must be > 0"),
+        (dict(aux_losses={"v": ["vlos"]}), "unknown loss 'vlos'"),
+        (dict(aux_losses={"x": ["vloss"]}), "unknown modality 'x'"),
+        (dict(noise_std=0.0), "'vloss' needs noise_std > 0"),
+        (dict(backend="megablocks"), "backend must be one of"),
+        (dict(num_experts=0), "num_experts must be a positive int"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            MoEConfig(**kwargs)
+    with pytest.raises(ValueError, match="ep_size=2 does not divide the world size 3"):
+        MoEConfig(ep_size=2).check_world(3)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['experts'\]"):
+        MoEConfig.from_dict({"experts": 4})
+    assert MoEConfig.from_dict(MoEConfig().to_dict()) == MoEConfig()
+    with pytest.raises(ValueError, match="unknown aux loss"):
+        MoE(4, 8, 2, aux_losses=("nope",))
