@@ -2,7 +2,12 @@
 
 A backbone declares, around each sub-module call, the token masks that hold for every
 ``[B, n, d]`` input inside that region; SMoLA blocks read them. Our multiway backbone does
-this itself; for other models see ``smola.inject`` (hooks).
+this itself; for other models see ``smola.modality_hooks``.
+
+Gradient checkpointing re-runs a region's forward during backward, outside any
+``token_masks`` block declared around the checkpointed call. ``token_masks_for`` therefore
+remembers, per adapter module, the masks of its last forward and hands them back while
+autograd recomputes.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Iterator, Optional
 import torch
 
 _CURRENT: contextvars.ContextVar[Optional["TokenMasks"]] = contextvars.ContextVar("smola_token_masks", default=None)
+_RECORD_ATTR = "_smola_masks_at_forward"
 
 
 @dataclass(frozen=True)
@@ -42,3 +48,23 @@ def token_masks(valid: Optional[torch.Tensor] = None, visual: Optional[torch.Ten
 def current_token_masks() -> Optional[TokenMasks]:
     """The innermost declared masks, or None outside any ``token_masks`` block."""
     return _CURRENT.get()
+
+
+def _autograd_is_running() -> bool:
+    """True inside a backward pass, where checkpointed forwards are recomputed."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def token_masks_for(owner: object) -> Optional[TokenMasks]:
+    """The masks for one call of ``owner`` (an adapter module), checkpoint-safe.
+
+    Outside backward: the current masks, remembered on ``owner`` when autograd records.
+    During a backward-time recomputation with no masks declared: the remembered ones
+    (a module called several times in one checkpointed forward gets its last call's).
+    """
+    masks = _CURRENT.get()
+    if _autograd_is_running():
+        return masks if masks is not None else owner.__dict__.get(_RECORD_ATTR)
+    if torch.is_grad_enabled():
+        owner.__dict__[_RECORD_ATTR] = masks
+    return masks

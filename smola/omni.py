@@ -1,0 +1,99 @@
+"""Omni-SMoLA: MM, V and T mixtures around one frozen linear (paper sec. 3.3).
+
+Y = X W* + SMoLA_MM(all tokens) + SMoLA_V(visual tokens) + SMoLA_T(text tokens): the V
+and T outputs land back at their tokens' positions. Which tokens are visual comes from
+``smola.token_masks`` (declared by our multiway backbone, or by ``smola.modality_hooks``)
+or from the ``visual_mask`` argument.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from smola.block import SoftLowRankExperts, as_tokens, mask_as_tokens
+from smola.context import token_masks_for
+
+BRANCHES = ("mm", "v", "t")
+_warned_no_modality = False
+
+
+def _warn_no_modality_once() -> None:
+    global _warned_no_modality
+    if not _warned_no_modality:
+        _warned_no_modality = True
+        warnings.warn(
+            "Omni-SMoLA got no modality information (no visual mask declared with smola.token_masks or "
+            "smola.modality_hooks, none passed): its V and T experts are skipped and it runs as SMoLA_MM. "
+            "Warned once per process.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def branch_masks(valid: Optional[torch.Tensor], visual: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
+    """Token masks [B, N] of each branch: mm = valid, v = valid & visual, t = valid & ~visual."""
+    if valid is None:
+        return {"mm": None, "v": visual, "t": ~visual}
+    return {"mm": valid, "v": valid & visual, "t": valid & ~visual}
+
+
+class OmniSMoLALinear(nn.Module):
+    """A frozen linear plus SMoLA mixtures per token group: any of mm (all), v, t.
+
+    Submodules ``mm``, ``v``, ``t`` (those in ``branches``) each hold phi, alpha, w_in, w_out.
+    forward(x [B, N, d_in] or [B, d_in], token_mask [B, N] bool = real tokens or None,
+    visual_mask [B, N] bool = visual tokens or None) -> [..., d_out]. Masks not passed are
+    read from ``smola.token_masks``. With no visual mask anywhere, the mm branch runs alone
+    (one warning per process); a block without an mm branch then raises.
+    """
+
+    def __init__(self, base: nn.Module, num_experts: int, rank: int = 4, branches: Sequence[str] = BRANCHES) -> None:
+        super().__init__()
+        if not isinstance(getattr(base, "in_features", None), int) or not isinstance(getattr(base, "out_features", None), int):
+            raise TypeError(f"OmniSMoLALinear wraps a linear layer with in_features/out_features; got {type(base).__name__}")
+        unknown = [b for b in branches if b not in BRANCHES]
+        if unknown or not branches or len(set(branches)) != len(branches):
+            raise ValueError(f"branches must be distinct names from {BRANCHES}; got {list(branches)}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.branches = tuple(b for b in BRANCHES if b in branches)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        for name in self.branches:
+            self.add_module(name, SoftLowRankExperts(base.in_features, base.out_features, num_experts, rank))
+
+    def extra_repr(self) -> str:
+        return f"branches={self.branches}"
+
+    def forward(
+        self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, visual_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        tokens = as_tokens(x)
+        if token_mask is None or visual_mask is None:
+            declared = token_masks_for(self)
+            if declared is not None:
+                token_mask = declared.valid if token_mask is None else token_mask
+                visual_mask = declared.visual if visual_mask is None else visual_mask
+        valid = mask_as_tokens(token_mask, x, tokens, "token_mask (padding)")
+        visual = mask_as_tokens(visual_mask, x, tokens, "visual_mask")
+        if visual is None:
+            if "mm" not in self.branches:
+                raise ValueError(
+                    f"SMoLA branches {self.branches} adapt only visual or text tokens, but no visual mask was "
+                    "given: declare one with smola.token_masks / smola.modality_hooks, or use mode='mm'"
+                )
+            if len(self.branches) > 1:
+                _warn_no_modality_once()
+            masks: dict[str, Optional[torch.Tensor]] = {"mm": valid}
+        else:
+            masks = branch_masks(valid, visual)
+        out = as_tokens(self.base(x))
+        for name in self.branches:
+            mask = masks.get(name, False)
+            if mask is False or (mask is not None and not bool(mask.any())):
+                continue  # no token of this group here (e.g. inside a V-FFN): the branch adds nothing
+            out = getattr(self, name).add_to(out, tokens, mask)
+        return out.reshape(*x.shape[:-1], self.out_features)
