@@ -36,6 +36,59 @@ def mask_as_tokens(mask: Optional[torch.Tensor], x: torch.Tensor, tokens: torch.
     return mask.reshape(tokens.shape[0], tokens.shape[1]).to(tokens.device)
 
 
+def tokens_and_masks(
+    owner: nn.Module, x: torch.Tensor, token_mask: Optional[torch.Tensor], visual_mask: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], bool]:
+    """x as tokens [B, N, d], its padding and visual masks [B, N] (or None), and whether
+    x is a pooled input that declared sequence masks do not describe.
+
+    Masks passed in must fit x. Masks declared with ``smola.token_masks`` fill the rest:
+    they fit an input [B, n, d], or [B * n, d] (flattened tokens, viewed as [B, n, d]); a
+    pooled input [B, d] (one token per example, e.g. a pooler) takes none of them.
+    """
+    if token_mask is None or visual_mask is None:
+        declared = token_masks_for(owner)
+        layout = None if declared is None else next((m for m in (declared.valid, declared.visual) if m is not None), None)
+        if layout is not None:
+            if tuple(x.shape[:-1]) == tuple(layout.shape):
+                tokens = as_tokens(x)
+            elif x.dim() == 2 and x.shape[0] == layout.numel():
+                tokens = x.reshape(*layout.shape, x.shape[-1])
+            elif x.dim() == 2 and x.shape[0] == layout.shape[0]:
+                tokens = as_tokens(x)
+                declared = None
+            else:
+                raise ValueError(
+                    f"{type(owner).__name__}: the token masks declared around this call have shape "
+                    f"{tuple(layout.shape)}, which does not fit its input of shape {tuple(x.shape)}; declare masks "
+                    "around the module whose inputs have that token layout (e.g. an encoder, not a whole "
+                    "encoder-decoder)"
+                )
+            if declared is not None:
+                token_mask = declared.valid if token_mask is None else token_mask
+                visual_mask = declared.visual if visual_mask is None else visual_mask
+            return (tokens, mask_as_tokens(token_mask, x, tokens, "token_mask (padding)"),
+                    mask_as_tokens(visual_mask, x, tokens, "visual_mask"), declared is None)
+    tokens = as_tokens(x)
+    return (tokens, mask_as_tokens(token_mask, x, tokens, "token_mask (padding)"),
+            mask_as_tokens(visual_mask, x, tokens, "visual_mask"), False)
+
+
+class LinearWrapper(nn.Module):
+    """A module around a frozen linear ``self.base`` that still looks like it: models read
+    ``layer.weight`` / ``layer.bias`` (dtype checks, tied heads), which are the base's."""
+
+    base: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+
 class SoftLowRankExperts(nn.Module):
     """The trainable part of a SMoLA block: routing matrix, scale and E low-rank experts.
 
@@ -67,7 +120,7 @@ class SoftLowRankExperts(nn.Module):
         return add_soft_mixture(frozen, tokens.to(frozen.dtype), self.phi, self.alpha, self.w_in, self.w_out, token_mask)
 
 
-class SMoLALinear(SoftLowRankExperts):
+class SMoLALinear(SoftLowRankExperts, LinearWrapper):
     """A frozen linear plus a soft mixture of E rank-r experts over all (unmasked) tokens.
 
     forward(x [B, N, d_in] or [B, d_in], token_mask [B, N] bool or None) -> [..., d_out]:
@@ -86,10 +139,6 @@ class SMoLALinear(SoftLowRankExperts):
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        tokens = as_tokens(x)
-        if token_mask is None:
-            declared = token_masks_for(self)
-            token_mask = declared.valid if declared is not None else None
-        mask = mask_as_tokens(token_mask, x, tokens)
-        out = self.add_to(as_tokens(self.base(x)), tokens, mask)
+        tokens, mask, _, _ = tokens_and_masks(self, x, token_mask, None)
+        out = self.add_to(self.base(x).reshape(*tokens.shape[:-1], self.out_features), tokens, mask)
         return out.reshape(*x.shape[:-1], self.out_features)

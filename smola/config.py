@@ -19,7 +19,8 @@ def _check_targets(name: str, value: Any) -> None:
         if not value:
             raise ValueError(f"{name} must not be an empty string")
         return
-    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value):
+    empty_targets = name == "target_modules" and isinstance(value, (list, tuple)) and not value
+    if empty_targets or not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value):
         raise ValueError(f"{name} must be a regex string, 'all-linear', or a list of module names; got {value!r}")
 
 

@@ -58,13 +58,13 @@ def _autograd_is_running() -> bool:
 def token_masks_for(owner: object) -> Optional[TokenMasks]:
     """The masks for one call of ``owner`` (an adapter module), checkpoint-safe.
 
-    Outside backward: the current masks, remembered on ``owner`` when autograd records.
-    During a backward-time recomputation with no masks declared: the remembered ones
-    (a module called several times in one checkpointed forward gets its last call's).
+    Outside backward: the current masks, remembered on ``owner`` (also under no_grad,
+    which is how reentrant checkpointing runs the first forward). During a backward-time
+    recomputation with no masks declared: the remembered ones (a module called several
+    times in one checkpointed forward gets its last call's).
     """
     masks = _CURRENT.get()
     if _autograd_is_running():
         return masks if masks is not None else owner.__dict__.get(_RECORD_ATTR)
-    if torch.is_grad_enabled():
-        owner.__dict__[_RECORD_ATTR] = masks
+    owner.__dict__[_RECORD_ATTR] = masks
     return masks

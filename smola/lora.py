@@ -6,8 +6,10 @@ import math
 import torch
 from torch import nn
 
+from smola.block import LinearWrapper
 
-class LoRALinear(nn.Module):
+
+class LoRALinear(LinearWrapper):
     """base(x) + scale * x A^T B^T with A = lora_a [r, d_in], B = lora_b [d_out, r] (zeros).
 
     forward(x [..., d_in]) -> [..., d_out]; equals base(x) at init. LoRA ignores token

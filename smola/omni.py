@@ -13,8 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from smola.block import SoftLowRankExperts, as_tokens, mask_as_tokens
-from smola.context import token_masks_for
+from smola.block import LinearWrapper, SoftLowRankExperts, tokens_and_masks
 
 BRANCHES = ("mm", "v", "t")
 _warned_no_modality = False
@@ -40,14 +39,15 @@ def branch_masks(valid: Optional[torch.Tensor], visual: torch.Tensor) -> dict[st
     return {"mm": valid, "v": valid & visual, "t": valid & ~visual}
 
 
-class OmniSMoLALinear(nn.Module):
+class OmniSMoLALinear(LinearWrapper):
     """A frozen linear plus SMoLA mixtures per token group: any of mm (all), v, t.
 
     Submodules ``mm``, ``v``, ``t`` (those in ``branches``) each hold phi, alpha, w_in, w_out.
     forward(x [B, N, d_in] or [B, d_in], token_mask [B, N] bool = real tokens or None,
     visual_mask [B, N] bool = visual tokens or None) -> [..., d_out]. Masks not passed are
     read from ``smola.token_masks``. With no visual mask anywhere, the mm branch runs alone
-    (one warning per process); a block without an mm branch then raises.
+    (one warning per process; silently for a pooled [B, d] input inside a masked region);
+    a block without an mm branch then raises.
     """
 
     def __init__(self, base: nn.Module, num_experts: int, rank: int = 4, branches: Sequence[str] = BRANCHES) -> None:
@@ -71,26 +71,19 @@ class OmniSMoLALinear(nn.Module):
     def forward(
         self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, visual_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        tokens = as_tokens(x)
-        if token_mask is None or visual_mask is None:
-            declared = token_masks_for(self)
-            if declared is not None:
-                token_mask = declared.valid if token_mask is None else token_mask
-                visual_mask = declared.visual if visual_mask is None else visual_mask
-        valid = mask_as_tokens(token_mask, x, tokens, "token_mask (padding)")
-        visual = mask_as_tokens(visual_mask, x, tokens, "visual_mask")
+        tokens, valid, visual, pooled = tokens_and_masks(self, x, token_mask, visual_mask)
         if visual is None:
             if "mm" not in self.branches:
                 raise ValueError(
                     f"SMoLA branches {self.branches} adapt only visual or text tokens, but no visual mask was "
                     "given: declare one with smola.token_masks / smola.modality_hooks, or use mode='mm'"
                 )
-            if len(self.branches) > 1:
+            if len(self.branches) > 1 and not pooled:  # a pooled token has no modality to miss
                 _warn_no_modality_once()
             masks: dict[str, Optional[torch.Tensor]] = {"mm": valid}
         else:
             masks = branch_masks(valid, visual)
-        out = as_tokens(self.base(x))
+        out = self.base(x).reshape(*tokens.shape[:-1], self.out_features)
         for name in self.branches:
             mask = masks.get(name, False)
             if mask is False or (mask is not None and not bool(mask.any())):
