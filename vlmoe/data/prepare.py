@@ -176,7 +176,8 @@ def _save_subset(rows: dict[str, list[dict[str, Any]]], features: datasets.Featu
     bars_were_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        dataset.save_to_disk(str(path))
+        # An empty split needs one explicit (empty) shard: with none, load_from_disk fails.
+        dataset.save_to_disk(str(path), num_shards={split: 1 for split in SPLITS if len(dataset[split]) == 0})
     finally:
         if bars_were_enabled:
             datasets.enable_progress_bars()

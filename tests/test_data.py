@@ -1,0 +1,311 @@
+"""Offline data sources, image conversion and `prepare` (datasets on disk, splits, skips, errors)."""
+import itertools
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmoe.data import sources
+from vlmoe.data.images import image_to_tensor, limit_size, to_rgb
+from vlmoe.data.prepare import REPORT_FILE, SourceSpec, prepare, split_of
+from vlmoe.data.sources import DataError, SkipCounter, open_source
+from vlmoe.data.text_tokenizer import TextTokenizer
+from vlmoe.data.visual_tokenizer import load_visual_tokenizer
+
+
+def _take(name, count, path=None):
+    skips = SkipCounter()
+    return list(itertools.islice(open_source(name, path, skips), count)), skips
+
+
+# ------------------------------------------------------------------------------------ real sources
+
+
+def test_fashion_mnist_records():
+    records, skips = _take("fashion_mnist", 3)
+    assert [r["label"] for r in records] == [9, 0, 0]  # the well-known first train labels
+    assert records[0]["label_name"] == "Ankle boot" and records[0]["key"] == "train/0"
+    assert records[0]["image"].size == (28, 28) and records[0]["image"].mode == "L"
+    assert np.asarray(records[0]["image"]).max() > 100
+    assert skips.total == 0
+
+
+def test_tuxpaint_stamps_records_and_counted_gaps():
+    records, skips = _take("tuxpaint_stamps", 3)
+    first = records[0]
+    assert set(first) == {"image", "text", "label_name", "source", "key"}
+    assert first["text"] == "A frog." and first["label_name"] == "animals/amphibians"
+    assert first["image"].size[0] > 50
+    # SVG-only stamps and PNGs without a description are counted, with locations.
+    assert skips.counts["stamp without PNG image"] > 100
+    assert skips.as_dict()["stamp without PNG image"]["examples"][0].endswith(".txt")
+
+
+def test_noto_emoji_records():
+    records, skips = _take("noto_emoji", 2)
+    assert [r["text"] for r in records] == ["grinning face", "grinning face with big eyes"]
+    assert records[0]["label_name"] == "Smileys & Emotion/face-smiling"
+    image = records[0]["image"]
+    assert image.mode == "RGBA" and image.getbbox() is not None
+    colours = np.asarray(to_rgb(image)).reshape(-1, 3)
+    assert (colours[:, 0].astype(int) - colours[:, 2].astype(int)).max() > 100  # a yellow face, in colour
+
+
+def test_wordnet_records():
+    records, skips = _take("wordnet", 5)
+    assert records[0]["text"].startswith("entity: that which is perceived or known")
+    assert all(r["text"] and r["source"] == "wordnet" for r in records)
+    assert not any(r["text"].startswith(" ") or "Princeton" in r["text"] for r in records)
+
+
+def test_shakespeare_records():
+    records, skips = _take("shakespeare", 3)
+    first = records[0]["text"].splitlines()
+    assert first[0] == "Now, fair Hippolyta, our nuptial hour" and len(first) == sources.SHAKESPEARE_LINES_PER_PASSAGE
+    assert not any(marker in r["text"] for r in records for marker in ("**", "#", "_Enter", "\\["))
+
+
+# ------------------------------------------------------------------------------------ user sources
+
+
+def _png(path, colour=(255, 0, 0), size=(40, 20), mode="RGB"):
+    Image.new(mode, size, colour).save(path)
+    return path
+
+
+@pytest.fixture
+def user_data(tmp_path):
+    """A JSONL file with one example of each kind of breakage, and a text folder."""
+    root = tmp_path / "user"
+    (root / "img").mkdir(parents=True)
+    _png(root / "img" / "red.png")
+    _png(root / "img" / "clear.png", (0, 0, 255, 0), mode="RGBA")
+    (root / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    lines = [
+        json.dumps({"image": "img/red.png", "text": "a red rectangle"}),
+        json.dumps({"image": str(root / "img" / "clear.png"), "text": "a transparent square"}),
+        json.dumps({"text": "text only line"}),
+        json.dumps({"image": "img/red.png"}),
+        json.dumps({"image": "img/corrupt.png", "text": "broken image"}),
+        json.dumps({"image": "img/missing.png", "text": "missing image"}),
+        json.dumps({"image": "img/red.png", "text": "   "}),
+        '{"image": "img/red.png", "text": ',
+        json.dumps({"caption": "no known key"}),
+        "",
+    ]
+    (root / "data.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    texts = root / "texts"
+    texts.mkdir()
+    (texts / "good.txt").write_text("First paragraph\nspans two lines.\n\nSecond paragraph.\n", encoding="utf-8")
+    (texts / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (texts / "empty.txt").write_text("  \n\n", encoding="utf-8")
+    return root
+
+
+def test_jsonl_records_and_skips(user_data):
+    skips = SkipCounter()
+    records = list(sources.jsonl(user_data / "data.jsonl", skips))
+    kinds = [("image" in r, "text" in r) for r in records]
+    assert kinds == [(True, True), (True, True), (False, True), (True, False)]
+    assert records[3]["label"] == -1
+    assert records[0]["text"] == "a red rectangle" and records[0]["image"].size == (40, 20)
+    assert skips.counts == {"corrupt image": 1, "missing image file": 1, "empty text": 1,
+                            "bad JSONL line": 1, "JSONL line without image or text": 1}
+    assert skips.examples["bad JSONL line"] == [f"{user_data / 'data.jsonl'}:8"]
+    assert skips.examples["missing image file"][0].endswith("missing.png")
+
+
+def test_text_files_paragraphs_and_skips(user_data):
+    skips = SkipCounter()
+    records = list(sources.text_files(user_data / "texts", skips))
+    assert [r["text"] for r in records] == ["First paragraph spans two lines.", "Second paragraph."]
+    assert skips.counts == {"empty text": 1, "non-UTF-8 text": 1}
+    assert skips.examples["non-UTF-8 text"][0].endswith("latin1.txt")
+    single = list(sources.text_files(user_data / "texts" / "good.txt", SkipCounter()))
+    assert len(single) == 2
+
+
+def test_image_folder_classes_and_skips(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "dog" / "b.jpg")
+    (tmp_path / "dog" / "c.png").write_bytes(b"not an image")
+    (tmp_path / "dog" / "notes.md").write_text("ignored: not an image extension")
+    _png(tmp_path / "stray.png")
+    skips = SkipCounter()
+    records = list(sources.image_folder(tmp_path, skips))
+    assert [(r["label"], r["label_name"], r["key"]) for r in records] == [(0, "cat", "cat/a.png"), (1, "dog", "dog/b.jpg")]
+    assert skips.counts == {"corrupt image": 1, "image outside a class folder": 1}
+
+
+def test_skip_counter_keeps_five_examples():
+    skips = SkipCounter()
+    for i in range(8):
+        skips.skip("corrupt image", f"f{i}")
+    assert skips.as_dict() == {"corrupt image": {"count": 8, "examples": ["f0", "f1", "f2", "f3", "f4"]}}
+
+
+def test_unknown_source_and_missing_paths_raise_data_error(tmp_path):
+    skips = SkipCounter()
+    with pytest.raises(DataError, match="unknown data source 'imagenet'"):
+        open_source("imagenet", None, skips)
+    with pytest.raises(DataError, match="'jsonl' needs a path"):
+        open_source("jsonl", None, skips)
+    with pytest.raises(DataError, match="nowhere.jsonl"):
+        open_source("jsonl", str(tmp_path / "nowhere.jsonl"), skips)
+    with pytest.raises(DataError, match="wordnet.*nowhere"):
+        open_source("wordnet", str(tmp_path / "nowhere"), skips)
+    (tmp_path / "fm").mkdir()
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        open_source("fashion_mnist", str(tmp_path / "fm"), skips)
+    assert isinstance(DataError("x"), ValueError)
+
+
+# ------------------------------------------------------------------------------------ images
+
+
+def test_to_rgb_composites_on_white():
+    transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    transparent.putpixel((0, 0), (255, 0, 0, 255))
+    rgb = to_rgb(transparent)
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 0, 0) and rgb.getpixel((3, 3)) == (255, 255, 255)
+    assert to_rgb(Image.new("L", (2, 2), 10)).getpixel((1, 1)) == (10, 10, 10)
+    assert to_rgb(Image.new("LA", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (2, 2), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    assert to_rgb(palette).getpixel((0, 0)) == (255, 255, 255)
+    sixteen_bit = Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.int32), mode="I")
+    assert to_rgb(sixteen_bit).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_limit_size_and_image_to_tensor():
+    big = Image.new("RGB", (448, 100), (0, 0, 0))
+    assert limit_size(big).size == (224, 50)
+    small = Image.new("RGB", (30, 10))
+    assert limit_size(small) is small
+    tensor = image_to_tensor(Image.new("RGB", (50, 30), (255, 0, 127)), 16)
+    assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32
+    assert torch.allclose(tensor[:, 5, 5], torch.tensor([1.0, -1.0, 127 / 127.5 - 1]), atol=1e-5)
+    with pytest.raises(ValueError, match="size"):
+        image_to_tensor(small, 0)
+
+
+# ------------------------------------------------------------------------------------ prepare
+
+
+def _small_mix(user_data):
+    return [
+        SourceSpec("fashion_mnist", max_items=60),
+        SourceSpec("tuxpaint_stamps", max_items=20),
+        SourceSpec("noto_emoji", max_items=20),
+        SourceSpec("wordnet", max_items=150),
+        SourceSpec("shakespeare", max_items=40),
+        SourceSpec("jsonl", str(user_data / "data.jsonl")),
+        SourceSpec("text_files", str(user_data / "texts")),
+    ]
+
+
+SMALL_SETTINGS = dict(val_fraction=0.2, text_vocab_size=200, image_size=16, patch_size=8, codebook_size=16,
+                      tokenizer_fit_images=40, verbose=False)
+
+
+def _rows(path):
+    loaded = datasets.load_from_disk(str(path))
+    return {split: loaded[split].to_list() for split in loaded}
+
+
+def test_prepare_small_mix_twice_identical(tmp_path, user_data):
+    first = prepare(tmp_path / "a", _small_mix(user_data), **SMALL_SETTINGS)
+    second = prepare(tmp_path / "b", _small_mix(user_data), **SMALL_SETTINGS)
+
+    for subset in ("images", "pairs", "texts"):
+        rows_a, rows_b = _rows(tmp_path / "a" / subset), _rows(tmp_path / "b" / subset)
+        assert rows_a == rows_b, subset
+        assert {s: len(r) for s, r in rows_a.items()} == first.subsets[subset]
+    assert first.records == second.records and first.skipped == second.skipped
+
+    # Counts per source: every taken record lands in exactly one split.
+    totals = {source: counts["train"] + counts["validation"] for source, counts in first.records.items()}
+    assert totals == {"fashion_mnist": 60, "tuxpaint_stamps": 20, "noto_emoji": 20, "wordnet": 150,
+                      "shakespeare": 40, "jsonl:data.jsonl": 4, "text_files:texts": 2}
+    assert 0 < first.records["wordnet"]["validation"] < 75
+    assert first.subsets["images"]["train"] + first.subsets["images"]["validation"] == 60 + 1
+    assert first.subsets["pairs"]["train"] + first.subsets["pairs"]["validation"] == 20 + 20 + 2
+
+    # Broken user items are counted with reasons; the rest is prepared.
+    skipped = {reason: info["count"] for reason, info in first.skipped.items()}
+    assert skipped["corrupt image"] == 1 and skipped["missing image file"] == 1
+    assert skipped["empty text"] == 2 and skipped["non-UTF-8 text"] == 1 and skipped["bad JSONL line"] == 1
+    report = json.loads((tmp_path / "a" / REPORT_FILE).read_text())
+    assert report["skipped"]["bad JSONL line"]["examples"] == [f"{user_data / 'data.jsonl'}:8"]
+    assert report["records"] == first.records and report["text_tokenizer"]["vocab_size"] <= 200
+    summary = first.summary()
+    assert "1  bad JSONL line" in summary and "jsonl:data.jsonl" in summary
+
+    # Stored images are RGB (transparent composited on white); schema as documented.
+    pairs = datasets.load_from_disk(str(tmp_path / "a" / "pairs"))
+    assert set(pairs["train"].features) == {"image", "text", "label_name", "source"}
+    images = datasets.load_from_disk(str(tmp_path / "a" / "images"))
+    assert images["train"].features["label"].dtype == "int64"
+    every_pair = list(pairs["train"]) + list(pairs["validation"])
+    square = next(r for r in every_pair if r["text"] == "a transparent square")
+    assert square["image"].mode == "RGB" and square["image"].getpixel((3, 3)) == (255, 255, 255)
+
+    # Tokenizers: identical across runs, usable, with the requested settings.
+    text_a = TextTokenizer.load(tmp_path / "a" / "text_tokenizer.model")
+    text_b = TextTokenizer.load(tmp_path / "b" / "text_tokenizer.model")
+    sample = "Now, fair Hippolyta, a red rectangle"
+    assert text_a.encode(sample, 32) == text_b.encode(sample, 32)
+    assert text_a.decode(text_a.encode(sample, 64)) == sample
+    visual_a = load_visual_tokenizer(str(tmp_path / "a" / "visual_tokenizer.safetensors"))
+    visual_b = load_visual_tokenizer(str(tmp_path / "b" / "visual_tokenizer.safetensors"))
+    assert torch.equal(visual_a.centroids, visual_b.centroids)
+    assert visual_a.codebook_size == 16 and visual_a.patch_size == 8
+    pixels = torch.stack([image_to_tensor(r["image"], 16) for r in every_pair[:4]])
+    codes = visual_a.tokenize(pixels)
+    assert codes.shape == (4, 4) and int(codes.max()) < 16
+
+
+def test_split_is_stable_under_other_changes(tmp_path, user_data):
+    settings = dict(SMALL_SETTINGS, codebook_size=4, tokenizer_fit_images=4)
+    small = prepare(tmp_path / "small", [SourceSpec("wordnet", max_items=100), SourceSpec("fashion_mnist", max_items=4)],
+                    **settings)
+    large = prepare(tmp_path / "large", [SourceSpec("shakespeare", max_items=30), SourceSpec("wordnet", max_items=200),
+                                         SourceSpec("fashion_mnist", max_items=4)], **settings)
+    small_val = {r["text"] for r in _rows(tmp_path / "small" / "texts")["validation"]}
+    large_val = {r["text"] for r in _rows(tmp_path / "large" / "texts")["validation"] if r["source"] == "wordnet"}
+    assert small_val and small_val <= large_val
+    # A subset without records is still written, empty, with its schema.
+    empty_pairs = datasets.load_from_disk(str(tmp_path / "large" / "pairs"))
+    assert len(empty_pairs["train"]) == 0 and set(empty_pairs["train"].features) == {"image", "text", "label_name", "source"}
+    assert small.subsets["pairs"] == {"train": 0, "validation": 0}
+
+
+def test_split_of_fraction_and_stability():
+    keys = [f"item{i}" for i in range(4000)]
+    validation = [k for k in keys if split_of("src", k, 0.1) == "validation"]
+    assert 300 < len(validation) < 500
+    assert validation == [k for k in keys if split_of("src", k, 0.1) == "validation"]
+    assert all(split_of("src", k, 0.0) == "train" for k in keys[:100])
+    assert {k for k in keys if split_of("src", k, 0.2) == "validation"} >= set(validation)
+
+
+def test_prepare_refuses_bad_sources_before_writing(tmp_path, user_data):
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="unknown data source 'coco'"):
+        prepare(out, [SourceSpec("wordnet", max_items=5), SourceSpec("coco")], **SMALL_SETTINGS)
+    with pytest.raises(DataError, match="missing.jsonl"):
+        prepare(out, [SourceSpec("wordnet", max_items=5), SourceSpec("jsonl", str(tmp_path / "missing.jsonl"))],
+                **SMALL_SETTINGS)
+    with pytest.raises(DataError, match="multiple of patch_size"):
+        prepare(out, [SourceSpec("wordnet", max_items=5)], **dict(SMALL_SETTINGS, image_size=20))
+    with pytest.raises(DataError, match="no train text"):
+        prepare(out, [SourceSpec("fashion_mnist", max_items=50)], **SMALL_SETTINGS)
+    with pytest.raises(DataError, match="too few patches"):
+        prepare(out, [SourceSpec("wordnet", max_items=50), SourceSpec("fashion_mnist", max_items=2)], **SMALL_SETTINGS)
+    assert not out.exists()
