@@ -165,6 +165,18 @@ def test_unknown_source_and_missing_paths_raise_data_error(tmp_path):
     assert isinstance(DataError("x"), ValueError)
 
 
+def test_fashion_mnist_bad_index_file_names_it(tmp_path):
+    import gzip
+
+    for split in ("train", "t10k"):
+        with gzip.open(tmp_path / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x03" + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\x00" * 100)
+        with gzip.open(tmp_path / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x01" + (2).to_bytes(4, "big") + b"\x01\x02")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz holds 100 bytes"):
+        list(open_source("fashion_mnist", str(tmp_path), SkipCounter()))
+
+
 # ------------------------------------------------------------------------------------ images
 
 
