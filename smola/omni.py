@@ -1,7 +1,10 @@
 """Omni-SMoLA: MM, V and T mixtures around one frozen linear (paper sec. 3.3).
 
 Y = X W* + SMoLA_MM(all tokens) + SMoLA_V(visual tokens) + SMoLA_T(text tokens): the V
-and T outputs land back at their tokens' positions. Which tokens are visual comes from
+and T outputs land back at their tokens' positions. The branches run as one mixture of
+G*E experts whose groups have their own token masks and combine softmaxes (see
+smola.soft_mixture): a masked token takes no part in a group, which equals gathering the
+group's tokens, running its block on them alone and scattering the outputs back. Which tokens are visual comes from
 ``smola.token_masks`` (declared by our multiway backbone, or by ``smola.modality_hooks``)
 or from the ``visual_mask`` argument.
 """
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from smola.block import LinearWrapper, SoftLowRankExperts, tokens_and_masks
+from smola.soft_mixture import add_soft_mixture
 
 BRANCHES = ("mm", "v", "t")
 _warned_no_modality = False
@@ -84,9 +88,19 @@ class OmniSMoLALinear(LinearWrapper):
         else:
             masks = branch_masks(valid, visual)
         out = self.base(x).reshape(*tokens.shape[:-1], self.out_features)
-        for name in self.branches:
-            mask = masks.get(name, False)
-            if mask is False or (mask is not None and not bool(mask.any())):
-                continue  # no token of this group here (e.g. inside a V-FFN): the branch adds nothing
-            out = getattr(self, name).add_to(out, tokens, mask)
+        # Branches with no token here (e.g. T inside a V-FFN) add nothing and are left out.
+        active = [n for n in self.branches if n in masks and (masks[n] is None or bool(masks[n].any()))]
+        if not active:
+            return out.reshape(*x.shape[:-1], self.out_features)
+        group_masks = [masks[n] for n in active]
+        token_mask = None
+        if any(m is not None for m in group_masks):
+            all_tokens = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            token_mask = torch.stack([all_tokens if m is None else m for m in group_masks], dim=-1)
+        blocks = [getattr(self, n) for n in active]
+        out = add_soft_mixture(
+            out, tokens.to(out.dtype),
+            torch.stack([b.phi for b in blocks]), torch.stack([b.alpha for b in blocks]),
+            torch.stack([b.w_in for b in blocks]), torch.stack([b.w_out for b in blocks]), token_mask,
+        )
         return out.reshape(*x.shape[:-1], self.out_features)

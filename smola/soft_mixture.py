@@ -1,10 +1,14 @@
-"""The soft mixture of low-rank experts (Omni-SMoLA eqs. 1-4) as one autograd function.
+"""Soft mixtures of low-rank experts (Omni-SMoLA eqs. 1-4) as one autograd function.
 
 For the N tokens X [N, d_in] of one example, with phi_n = norm(Phi) [E, d_in]:
     logits = alpha * phi_n norm(X)^T           laid out here as [N, E]
     D = softmax over tokens, C = softmax over experts (fp32, masked tokens excluded)
     y_i = W_out_i W_in_i (D^T X)_i             the raw X is dispatched
     Y = frozen + C y                           added in place to the frozen output
+
+G groups of E experts run as one mixture of G*E experts: each group has its own alpha,
+its own token mask (Omni-SMoLA's MM, V and T blocks) and its own combine softmax, while
+logits, dispatch, experts and combine are single GEMMs over all G*E columns.
 
 Why a hand-written backward: autograd of the composed ops materialises norm(X), both
 softmax Jacobian products and several [B, N, d] temporaries; here every [B, N, *] pass is
@@ -28,20 +32,26 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def routing_weights(logits: torch.Tensor, token_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_weights(
+    logits: torch.Tensor, token_mask: Optional[torch.Tensor], groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch and combine weights (eqs. 1-2) from routing logits.
 
-    logits: [B, N, E] float; token_mask: [B, N] bool (True = takes part) or None.
-    Returns (dispatch, combine), both [B, N, E] in fp32 (or fp64 for fp64 logits): dispatch sums to 1 over the
-    unmasked tokens of each expert, combine sums to 1 over experts for each unmasked
-    token; masked tokens get zero in both (a fully masked example gets all zeros).
+    logits: [B, N, G*E] float, G groups of E experts; token_mask: [B, N, G] bool (True =
+    the token takes part in that group) or [B, N] for G = 1, or None.
+    Returns (dispatch, combine), both [B, N, G*E] in fp32 (fp64 for fp64 logits): dispatch
+    sums to 1 over each expert's unmasked tokens, combine sums to 1 over each group's
+    experts for every unmasked token; masked entries are zero (a group with no token:
+    all zeros).
     """
-    logits = logits.to(routing_dtype(logits.dtype))
+    batch, tokens, columns = logits.shape
+    grouped = logits.to(routing_dtype(logits.dtype)).view(batch, tokens, groups, columns // groups)
     if token_mask is None:
-        return logits.softmax(dim=1), logits.softmax(dim=2)
-    keep = token_mask.unsqueeze(-1)
-    logits = logits.masked_fill(~keep, _MASKED_LOGIT)
-    return logits.softmax(dim=1) * keep, logits.softmax(dim=2) * keep
+        return grouped.softmax(dim=1).view_as(logits), grouped.softmax(dim=3).view_as(logits)
+    keep = token_mask.view(batch, tokens, groups, 1)
+    grouped = grouped.masked_fill(~keep, _MASKED_LOGIT)
+    dispatch = (grouped.softmax(dim=1) * keep).view(batch, tokens, columns)
+    return dispatch, (grouped.softmax(dim=3) * keep).view(batch, tokens, columns)
 
 
 def token_cosines(x: torch.Tensor, phi_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,48 +72,56 @@ def _experts(slots: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> tu
 
 
 class SoftMixtureAdd(torch.autograd.Function):
-    """frozen += C (W_out W_in (D^T x)) in place; returns frozen. Shapes in ``apply``."""
+    """frozen += C (W_out W_in (D^T x)) in place over G*E flat experts; returns frozen.
+
+    Inputs as ``add_soft_mixture`` after flattening: phi_n [G*E, d_in] unit rows,
+    alpha [G], w_in [G*E, r, d_in], w_out [G*E, d_out, r], token_mask [B, N, G] or None.
+    """
 
     @staticmethod
     def forward(ctx, frozen, x, phi_n, alpha, w_in, w_out, token_mask):  # type: ignore[override]
+        groups = alpha.shape[0]
         cos, inv_norm = token_cosines(x, phi_n)
-        dispatch, combine = routing_weights(cos * alpha.to(cos.dtype), token_mask)
+        column_alpha = alpha.to(cos.dtype).repeat_interleave(phi_n.shape[0] // groups)
+        dispatch, combine = routing_weights(cos * column_alpha, token_mask, groups)
         slots = torch.bmm(dispatch.to(x.dtype).transpose(1, 2), x)
         low, expert_out = _experts(slots, w_in, w_out)
         frozen.baddbmm_(combine.to(x.dtype), expert_out)
         ctx.mark_dirty(frozen)
-        ctx.save_for_backward(x, phi_n, alpha, w_in, w_out, dispatch, combine, cos, inv_norm, slots, low, expert_out)
+        ctx.save_for_backward(x, phi_n, column_alpha, w_in, w_out, dispatch, combine, cos, inv_norm, slots, low, expert_out)
+        ctx.groups = groups
         return frozen
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, phi_n, alpha, w_in, w_out, dispatch, combine, cos, inv_norm, slots, low, expert_out = ctx.saved_tensors
-        dtype, (batch, _, d_in) = x.dtype, x.shape
+        x, phi_n, column_alpha, w_in, w_out, dispatch, combine, cos, inv_norm, slots, low, expert_out = ctx.saved_tensors
+        dtype, (batch, tokens, d_in), groups = x.dtype, x.shape, ctx.groups
         num_experts = phi_n.shape[0]
         grad_out = grad_out.to(dtype)
-        d_combine = torch.bmm(grad_out, expert_out.transpose(1, 2)).to(cos.dtype)  # [B, N, E]
-        d_expert_out = torch.bmm(combine.to(dtype).transpose(1, 2), grad_out)  # [B, E, d_out]
-        # Experts, batched over E: y_e = W_out_e low_e, low_e = W_in_e slot_e.
-        d_eo = d_expert_out.transpose(0, 1)  # [E, B, d_out]
-        d_w_out = torch.bmm(d_eo.transpose(1, 2), low.transpose(0, 1))  # [E, d_out, r]
-        d_low = torch.bmm(d_eo, w_out)  # [E, B, r]
-        d_w_in = torch.bmm(d_low.transpose(1, 2), slots.transpose(0, 1))  # [E, r, d_in]
-        d_slots = torch.bmm(d_low, w_in).transpose(0, 1)  # [B, E, d_in]
-        d_dispatch = torch.bmm(x, d_slots.transpose(1, 2)).to(cos.dtype)  # [B, N, E]
-        # Softmax backward over tokens (dispatch) and over experts (combine); masked
-        # entries have zero weight, so they get zero gradient.
+        d_combine = torch.bmm(grad_out, expert_out.transpose(1, 2)).to(cos.dtype)  # [B, N, GE]
+        d_expert_out = torch.bmm(combine.to(dtype).transpose(1, 2), grad_out)  # [B, GE, d_out]
+        # Experts, batched over GE: y_e = W_out_e low_e, low_e = W_in_e slot_e.
+        d_eo = d_expert_out.transpose(0, 1)  # [GE, B, d_out]
+        d_w_out = torch.bmm(d_eo.transpose(1, 2), low.transpose(0, 1))  # [GE, d_out, r]
+        d_low = torch.bmm(d_eo, w_out)  # [GE, B, r]
+        d_w_in = torch.bmm(d_low.transpose(1, 2), slots.transpose(0, 1))  # [GE, r, d_in]
+        d_slots = torch.bmm(d_low, w_in).transpose(0, 1)  # [B, GE, d_in]
+        d_dispatch = torch.bmm(x, d_slots.transpose(1, 2)).to(cos.dtype)  # [B, N, GE]
+        # Softmax backward over tokens (dispatch, per column) and over each group's experts
+        # (combine); masked entries have zero weight, so they get zero gradient.
         d_logits = dispatch * (d_dispatch - (dispatch * d_dispatch).sum(1, keepdim=True))
-        d_logits += combine * (d_combine - (combine * d_combine).sum(2, keepdim=True))
-        d_alpha = (d_logits * cos).sum().to(alpha.dtype).reshape(alpha.shape)
-        d_cos = d_logits * alpha.to(cos.dtype)
-        scaled = d_cos * inv_norm  # d loss / d (phi_n x^T), [B, N, E]
+        grouped = (combine * d_combine).view(batch, tokens, groups, -1).sum(3, keepdim=True)
+        d_logits += combine * (d_combine - grouped.expand(-1, -1, -1, num_experts // groups).reshape_as(d_combine))
+        d_alpha = (d_logits * cos).view(batch, tokens, groups, -1).sum((0, 1, 3))
+        d_cos = d_logits * column_alpha
+        scaled = d_cos * inv_norm  # d loss / d (phi_n x^T), [B, N, GE]
         d_phi_n = torch.mm(scaled.reshape(-1, num_experts).t().to(dtype), x.reshape(-1, d_in))
         d_x = None
         if ctx.needs_input_grad[1]:
             # d x = D d_slots + scaled phi_n - x |x|^-2 sum_e(cos d_cos): the last term is
             # the normalisation's radial part, since norm(x) . d_norm = sum_e cos d_cos.
-            stacked_w = torch.cat([dispatch, scaled], dim=2).to(dtype)  # [B, N, 2E]
-            stacked_v = torch.cat([d_slots, phi_n.expand(batch, num_experts, d_in)], dim=1)  # [B, 2E, d_in]
+            stacked_w = torch.cat([dispatch, scaled], dim=2).to(dtype)  # [B, N, 2GE]
+            stacked_v = torch.cat([d_slots, phi_n.expand(batch, num_experts, d_in)], dim=1)  # [B, 2GE, d_in]
             d_x = torch.bmm(stacked_w, stacked_v)
             radial = inv_norm * inv_norm * (cos * d_cos).sum(-1, keepdim=True)
             d_x.addcmul_(x, radial.to(dtype), value=-1)
@@ -119,13 +137,24 @@ def add_soft_mixture(
     w_out: torch.Tensor,
     token_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """frozen + C^T [W_out_i W_in_i (D X)_i] (eqs. 1-4), written into ``frozen`` in place.
+    """frozen + sum over groups g of C_g^T [W_out_i W_in_i (D_g X)_i] (eqs. 1-4), in place.
 
-    frozen: [B, N, d_out], the frozen layer's output for x; x: [B, N, d_in];
-    phi: [E, d_in]; alpha: scalar; w_in: [E, r, d_in]; w_out: [E, d_out, r];
-    token_mask: [B, N] bool or None. Matmuls run in x's dtype, softmaxes in fp32.
-    Returns frozen (modified in place, autograd-aware).
+    frozen: [B, N, d_out], the frozen layer's output for x; x: [B, N, d_in].
+    One block: phi [E, d_in], alpha scalar, w_in [E, r, d_in], w_out [E, d_out, r],
+    token_mask [B, N] bool or None. G blocks at once: phi [G, E, d_in], alpha [G],
+    w_in [G, E, r, d_in], w_out [G, E, d_out, r], token_mask [B, N, G] bool or None.
+    Matmuls run in x's dtype, softmaxes in fp32. Returns frozen (autograd-aware).
     """
+    if phi.dim() == 2:
+        phi, alpha, w_in, w_out = phi[None], alpha.reshape(1), w_in[None], w_out[None]
+        token_mask = None if token_mask is None else token_mask[..., None]
+    groups, experts = phi.shape[:2]
+    if alpha.shape != (groups,) or w_in.shape[:2] != (groups, experts) or w_out.shape[:2] != (groups, experts):
+        raise ValueError(f"soft mixture parameters disagree on groups/experts: phi {tuple(phi.shape)}, alpha "
+                         f"{tuple(alpha.shape)}, w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")
+    if token_mask is not None and token_mask.shape != (*x.shape[:2], groups):
+        raise ValueError(f"token_mask of shape {tuple(token_mask.shape)} does not fit x {tuple(x.shape)} with {groups} group(s)")
     dtype = x.dtype
-    phi_n = torch.nn.functional.normalize(phi.to(dtype), dim=-1)
-    return SoftMixtureAdd.apply(frozen, x, phi_n, alpha, w_in.to(dtype), w_out.to(dtype), token_mask)
+    phi_n = torch.nn.functional.normalize(phi.reshape(groups * experts, -1).to(dtype), dim=-1)
+    return SoftMixtureAdd.apply(frozen, x, phi_n, alpha, w_in.reshape(groups * experts, *w_in.shape[2:]).to(dtype),
+                                w_out.reshape(groups * experts, *w_out.shape[2:]).to(dtype), token_mask)

@@ -49,6 +49,23 @@ def test_omni_equals_frozen_plus_mm_plus_v_and_t_placed_back():
         torch.testing.assert_close(block(X), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_omni_gradients_match_the_gathered_reference():
+    block = _omni()
+    x = X.clone().requires_grad_(True)
+    grad = torch.randn(3, 6, 5, dtype=torch.float64)
+    params = [x] + [p for n in ("mm", "v", "t") for p in _params(block, n)]
+    got = torch.autograd.grad((block(x, VALID, VISUAL) * grad).sum(), params)
+    reference = (
+        block.base(x)
+        + smola_delta(x, *_params(block, "mm"), VALID)
+        + gathered_delta(x, _params(block, "v"), VALID & VISUAL)
+        + gathered_delta(x, _params(block, "t"), VALID & ~VISUAL)
+    )
+    want = torch.autograd.grad((reference * grad).sum(), params)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"parameter {i}")
+
+
 def test_omni_zero_init_is_the_frozen_layer():
     block = smola.OmniSMoLALinear(nn.Linear(6, 5), 4)
     x = X.float()
