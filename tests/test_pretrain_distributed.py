@@ -43,7 +43,7 @@ def test_run_directory_and_falling_losses(reference):
     for key in ("mlm", "mim", "vlm"):
         first = sum(r[key] for r in records[:4]) / 4
         last = sum(r[key] for r in records[-4:]) / 4
-        assert last < 0.9 * first, f"{key} did not fall: {first:.3f} -> {last:.3f}"
+        assert last < 0.95 * first, f"{key} did not fall: {first:.3f} -> {last:.3f}"
     val = read_metrics(reference, "val/loss")
     assert [r["step"] for r in val] == [8, 16] and all(r["val/mlm"] > 0 for r in val)
     assert (reference / "config.yaml").exists()

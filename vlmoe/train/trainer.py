@@ -139,6 +139,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
         dump_config(cfg, run_dir / "config.yaml")
     barrier()
 
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, on any launcher
     task = build_task(cfg, info)
     t = cfg.train
     ds_config = deepspeed_config(cfg, info.world_size)
