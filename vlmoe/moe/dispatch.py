@@ -1,44 +1,90 @@
 """Index-based dispatch of tokens into [E, C, d] expert buffers and the weighted combine back.
 
-One gather each way (no dense [S, E, C] one-hot einsum, no loop over experts); empty slots
-read a zero row, dropped choices contribute nothing.
+Both directions are row gathers, and so are their gradients (each slot holds at most one
+token, each token sits in at most k slots), so no scatter-add runs in the backward pass; there
+is no dense [S, E, C] one-hot einsum and no loop over experts. Buffers are padded to a multiple
+of `ALIGN` rows per expert (the extra rows stay empty): batched matmuls over an odd row count
+run markedly slower on CPU.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from vlmoe.moe.router import Routing
 
-
-def buffer_index(routing: Routing, num_experts: int) -> torch.Tensor:
-    """[S, k] long: flat index expert * C + slot of each choice in the [E * C] buffers, E * C if dropped."""
-    capacity = routing.capacity
-    flat = routing.expert * capacity + routing.slot
-    return torch.where(routing.kept, flat, torch.full_like(flat, num_experts * capacity))
+ALIGN = 8
 
 
-def dispatch(tokens: torch.Tensor, routing: Routing, num_experts: int) -> torch.Tensor:
-    """Gather tokens [S, d] into expert buffers [E, C, d] (unused slots are zero)."""
-    num_tokens, dim = tokens.shape
-    capacity = routing.capacity
-    slots = num_experts * capacity
-    flat = buffer_index(routing, num_experts)  # [S, k]
-    token_id = torch.arange(num_tokens, device=tokens.device).unsqueeze(1).expand_as(flat)
-    # Which token fills each slot; num_tokens points at the appended zero row. Dropped choices
-    # write to the extra slot index `slots`, which is cut off.
-    token_of_slot = torch.full((slots + 1,), num_tokens, dtype=torch.long, device=tokens.device)
-    token_of_slot.scatter_(0, flat.reshape(-1), token_id.reshape(-1))
-    padded = torch.cat([tokens, tokens.new_zeros(1, dim)], dim=0)
-    return padded.index_select(0, token_of_slot[:slots]).view(num_experts, capacity, dim)
+class _GatherRows(torch.autograd.Function):
+    """out = [src; 0][index]; grad_src = sum_r [grad; 0][inverse[:, r]] (inverse lists each src row's uses)."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return _padded(src).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        picked = _padded(grad.contiguous()).index_select(0, inverse.reshape(-1))
+        if inverse.shape[1] > 1:
+            picked = picked.view(*inverse.shape, grad.shape[-1]).sum(dim=1)
+        return picked, None, None
 
 
-def combine(expert_out: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Expert outputs [E, C, d] -> tokens [S, d]: sum over kept choices of gate weight * output."""
-    num_experts, capacity, dim = expert_out.shape
-    flat = buffer_index(routing, num_experts)  # [S, k]
-    padded = torch.cat([expert_out.reshape(num_experts * capacity, dim), expert_out.new_zeros(1, dim)], dim=0)
-    picked = padded.index_select(0, flat.reshape(-1)).view(*flat.shape, dim)  # [S, k, d]
-    weight = routing.weight.to(expert_out.dtype).unsqueeze(-1)
-    if flat.shape[1] == 1:
-        return (picked * weight).squeeze(1)
-    return (picked * weight).sum(dim=1)
+def _padded(rows: torch.Tensor) -> torch.Tensor:
+    """[N, d] -> [N + 1, d] with a zero last row (the target of 'nothing here' indices)."""
+    return torch.cat([rows, rows.new_zeros(1, rows.shape[1])], dim=0)
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where every (token, choice) goes in the flat [E * C_buf] buffers, and back.
+
+    slot_of_choice: [S, k] flat buffer row of each choice, E * C_buf where dropped.
+    choice_of_slot: [E * C_buf, 1] the choice (s * k + j) filling each row, S * k where empty.
+    token_of_slot: [E * C_buf] the token filling each row, S where empty.
+    """
+
+    slot_of_choice: torch.Tensor
+    choice_of_slot: torch.Tensor
+    token_of_slot: torch.Tensor
+    num_experts: int
+    buffer_capacity: int
+
+
+def plan_dispatch(routing: Routing, num_experts: int) -> DispatchPlan:
+    """Index maps of a routing into buffers of C_buf = C rounded up to `ALIGN` rows per expert."""
+    num_tokens, k = routing.expert.shape
+    buffer_capacity = -(-max(routing.capacity, 1) // ALIGN) * ALIGN
+    rows = num_experts * buffer_capacity
+    flat = routing.expert * buffer_capacity + routing.slot
+    slot_of_choice = torch.where(routing.kept, flat, torch.full_like(flat, rows))
+    device = routing.expert.device
+    # Dropped choices all write to the extra row `rows`, which is cut off.
+    choice_of_slot = torch.full((rows + 1,), num_tokens * k, dtype=torch.long, device=device)
+    choice_of_slot.scatter_(0, slot_of_choice.reshape(-1), torch.arange(num_tokens * k, device=device))
+    choice_of_slot = choice_of_slot[:rows]
+    token_of_slot = torch.where(choice_of_slot < num_tokens * k, choice_of_slot // k,
+                                torch.full_like(choice_of_slot, num_tokens))
+    return DispatchPlan(slot_of_choice, choice_of_slot.unsqueeze(1), token_of_slot, num_experts, buffer_capacity)
+
+
+def dispatch(tokens: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Gather tokens [S, d] into expert buffers [E, C_buf, d] (unused rows are zero)."""
+    buffers = _GatherRows.apply(tokens, plan.token_of_slot, plan.slot_of_choice)
+    return buffers.view(plan.num_experts, plan.buffer_capacity, tokens.shape[1])
+
+
+def combine(expert_out: torch.Tensor, plan: DispatchPlan, weight: torch.Tensor) -> torch.Tensor:
+    """Expert outputs [E, C_buf, d] -> tokens [S, d]: sum over kept choices of weight [S, k] * output."""
+    dim = expert_out.shape[-1]
+    rows = expert_out.reshape(-1, dim)
+    picked = _GatherRows.apply(rows, plan.slot_of_choice.reshape(-1), plan.choice_of_slot)  # [S * k, d]
+    num_tokens, k = weight.shape
+    weight = weight.to(expert_out.dtype)
+    if k == 1:
+        return picked * weight
+    return (picked.view(num_tokens, k, dim) * weight.unsqueeze(-1)).sum(dim=1)

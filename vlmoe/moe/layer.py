@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmoe.moe.dispatch import combine, dispatch
+from vlmoe.moe.dispatch import combine, dispatch, plan_dispatch
 from vlmoe.moe.experts import Experts
 from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE, RouterTensors, aux_loss_terms, weighted_aux_loss
 from vlmoe.moe.metrics import RoutingStats
@@ -97,12 +97,13 @@ class MoE(nn.Module):
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, capacity_factor, self.min_capacity)
         routing = route(noisy, self.k, capacity, self.batch_priority)
-        buffers = dispatch(tokens, routing, self.num_experts)
+        plan = plan_dispatch(routing, self.num_experts)
+        buffers = dispatch(tokens, plan)
         if self.ep_group is None:
             expert_out = self.experts(buffers)
         else:
             expert_out = run_expert_parallel(buffers, self.experts, self.ep_group)
-        out = combine(expert_out, routing)
+        out = combine(expert_out, plan, routing.weight)
         # Aux terms are computed on every run so that an activation-checkpoint re-run saves the
         # same tensors; only the first run (not inside backward) records them.
         terms = self._aux_terms(routing, logits, noisy, noise_std)

@@ -1,0 +1,134 @@
+"""Forward+backward time of our MoE layer vs a dense FFN of the expert's size vs DeepSpeed's MoE
+(and tutel where installed), interleaved in one process, printed as ratios to the dense FFN.
+
+    python scripts/bench_moe.py                       # issue target: S=8192, d=768, d_ff=3072, E=32
+    python scripts/bench_moe.py --tokens 2048 --rounds 3 --sweep 8,32,128
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vlmoe.moe import MoE
+
+
+class DenseFFN(nn.Module):
+    """The expert's shape as one dense FFN (the cost a top-1 MoE should match)."""
+
+    def __init__(self, d: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class Step:
+    """One layer's forward+backward; gradients are dropped before each step, as an optimizer step
+    with zero_grad(set_to_none=True) would, so no implementation pays for accumulating them."""
+
+    def __init__(self, layer: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.layer, self.loss = layer, loss
+
+    def __call__(self, x: torch.Tensor) -> float:
+        self.layer.zero_grad(set_to_none=True)
+        x.grad = None
+        start = time.perf_counter()
+        self.loss(x).backward()
+        return time.perf_counter() - start
+
+
+def _ours(d: int, d_ff: int, experts: int, cf: float) -> Step:
+    layer = MoE(d, d_ff, experts, k=1, capacity_factor=cf, batch_priority=True, aux_losses=("vloss",)).train()
+    return Step(layer, lambda x: layer(x).float().sum() + layer.pop_aux_loss())
+
+
+def _dense(d: int, d_ff: int) -> Step:
+    layer = DenseFFN(d, d_ff)
+    return Step(layer, lambda x: layer(x).float().sum())
+
+
+def _deepspeed(d: int, d_ff: int, experts: int, cf: float) -> Step:
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    layer = DeepSpeedMoE(hidden_size=d, expert=DenseFFN(d, d_ff), num_experts=experts, ep_size=1, k=1,
+                         capacity_factor=cf, min_capacity=4, drop_tokens=True).train()
+    layer.set_deepspeed_parallelism()
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        out, l_aux, _ = layer(x.unsqueeze(0))
+        return out.float().sum() + 0.01 * l_aux
+    return Step(layer, loss)
+
+
+def _tutel(d: int, d_ff: int, experts: int, cf: float):
+    try:
+        from tutel import moe as tutel_moe
+    except ImportError:
+        return None
+    layer = tutel_moe.moe_layer(gate_type={"type": "top", "k": 1, "capacity_factor": cf},
+                                model_dim=d, experts={"type": "ffn", "count_per_node": experts,
+                                                      "hidden_size_per_expert": d_ff})
+    return Step(layer, lambda x: layer(x.unsqueeze(0)).float().sum() + layer.l_aux)
+
+
+def _init_single_rank() -> None:
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--d-ff", type=int, default=3072)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--cf", type=float, default=1.05)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sweep", default="8,32,128", help="expert counts for our layer's flatness check ('' = none)")
+    parser.add_argument("--no-deepspeed", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.tokens, args.d, requires_grad=True)
+    steps: dict[str, Step] = {"dense": _dense(args.d, args.d_ff),
+                                  f"ours E={args.experts}": _ours(args.d, args.d_ff, args.experts, args.cf)}
+    if not args.no_deepspeed:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _init_single_rank()
+        steps[f"deepspeed E={args.experts}"] = _deepspeed(args.d, args.d_ff, args.experts, args.cf)
+    tutel = _tutel(args.d, args.d_ff, args.experts, args.cf)
+    if tutel is not None:
+        steps[f"tutel E={args.experts}"] = tutel
+    for experts in (int(e) for e in args.sweep.split(",") if e):
+        if experts != args.experts:
+            steps[f"ours E={experts}"] = _ours(args.d, args.d_ff, experts, args.cf)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():  # warm-up
+        step(x)
+    for _ in range(args.rounds):
+        for name, step in steps.items():  # interleaved, so load on the machine hits all alike
+            times[name].append(step(x))
+    dense = statistics.median(times["dense"])
+    print(f"S={args.tokens} d={args.d} d_ff={args.d_ff} cf={args.cf} top-1, fwd+bwd, {args.threads} threads, "
+          f"median of {args.rounds} interleaved rounds{'' if tutel else ' (tutel not installed)'}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:18s} {median * 1000:9.1f} ms   {median / dense:5.2f}x dense")
+
+
+if __name__ == "__main__":
+    main()
