@@ -100,7 +100,7 @@ class OmniSMoLALinear(LinearWrapper):
         blocks = [getattr(self, n) for n in active]
         out = add_soft_mixture(
             out, tokens.to(out.dtype),
-            torch.stack([b.phi for b in blocks]), torch.stack([b.alpha for b in blocks]),
-            torch.stack([b.w_in for b in blocks]), torch.stack([b.w_out for b in blocks]), token_mask,
+            [b.phi for b in blocks], [b.alpha for b in blocks], [b.w_in for b in blocks], [b.w_out for b in blocks],
+            token_mask,
         )
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -1,4 +1,4 @@
-"""Soft mixtures of low-rank experts (Omni-SMoLA eqs. 1-4) as one autograd function.
+"""Soft mixtures of low-rank experts (Omni-SMoLA eqs. 1-4): routing as one autograd function.
 
 For the N tokens X [N, d_in] of one example, with phi_n = norm(Phi) [E, d_in]:
     logits = alpha * phi_n norm(X)^T           laid out here as [N, E]
@@ -17,7 +17,7 @@ GEMM (see ``backward``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -65,96 +65,93 @@ def token_cosines(x: torch.Tensor, phi_n: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.matmul(x, phi_n.t()).to(rdtype) * inv_norm, inv_norm
 
 
-def _experts(slots: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """slots [B, E, d_in] -> (low [B, E, r], expert outputs [B, E, d_out]); low rank first."""
-    low = torch.bmm(slots.transpose(0, 1), w_in.transpose(1, 2)).transpose(0, 1)
-    return low, torch.bmm(low.transpose(0, 1), w_out.transpose(1, 2)).transpose(0, 1)
+class SoftRouting(torch.autograd.Function):
+    """Dispatch and combine (eqs. 1-2) for G groups of E experts, with a fused backward.
 
-
-class SoftMixtureAdd(torch.autograd.Function):
-    """frozen += C (W_out W_in (D^T x)) in place over G*E flat experts; returns frozen.
-
-    Inputs as ``add_soft_mixture`` after flattening: phi_n [G*E, d_in] unit rows,
-    alpha [G], w_in [G*E, r, d_in], w_out [G*E, d_out, r], token_mask [B, N, G] or None.
+    forward(x [B, N, d_in], phi_n [G*E, d_in] unit rows, alpha [G], token_mask [B, N, G]
+    bool or None) -> (slots = D^T x [B, G*E, d_in], combine [B, N, G*E]), both in x's dtype.
     """
 
     @staticmethod
-    def forward(ctx, frozen, x, phi_n, alpha, w_in, w_out, token_mask):  # type: ignore[override]
+    def forward(ctx, x, phi_n, alpha, token_mask):  # type: ignore[override]
         groups = alpha.shape[0]
         cos, inv_norm = token_cosines(x, phi_n)
         column_alpha = alpha.to(cos.dtype).repeat_interleave(phi_n.shape[0] // groups)
         dispatch, combine = routing_weights(cos * column_alpha, token_mask, groups)
         slots = torch.bmm(dispatch.to(x.dtype).transpose(1, 2), x)
-        low, expert_out = _experts(slots, w_in, w_out)
-        frozen.baddbmm_(combine.to(x.dtype), expert_out)
-        ctx.mark_dirty(frozen)
-        ctx.save_for_backward(x, phi_n, column_alpha, w_in, w_out, dispatch, combine, cos, inv_norm, slots, low, expert_out)
+        ctx.save_for_backward(x, phi_n, column_alpha, dispatch, combine, cos, inv_norm)
         ctx.groups = groups
-        return frozen
+        return slots, combine.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x, phi_n, column_alpha, w_in, w_out, dispatch, combine, cos, inv_norm, slots, low, expert_out = ctx.saved_tensors
+    def backward(ctx, d_slots, d_combine):  # type: ignore[override]
+        x, phi_n, column_alpha, dispatch, combine, cos, inv_norm = ctx.saved_tensors
         dtype, (batch, tokens, d_in), groups = x.dtype, x.shape, ctx.groups
-        num_experts = phi_n.shape[0]
-        grad_out = grad_out.to(dtype)
-        d_combine = torch.bmm(grad_out, expert_out.transpose(1, 2)).to(cos.dtype)  # [B, N, GE]
-        d_expert_out = torch.bmm(combine.to(dtype).transpose(1, 2), grad_out)  # [B, GE, d_out]
-        # Experts, batched over GE: y_e = W_out_e low_e, low_e = W_in_e slot_e.
-        d_eo = d_expert_out.transpose(0, 1)  # [GE, B, d_out]
-        d_w_out = torch.bmm(d_eo.transpose(1, 2), low.transpose(0, 1))  # [GE, d_out, r]
-        d_low = torch.bmm(d_eo, w_out)  # [GE, B, r]
-        d_w_in = torch.bmm(d_low.transpose(1, 2), slots.transpose(0, 1))  # [GE, r, d_in]
-        d_slots = torch.bmm(d_low, w_in).transpose(0, 1)  # [B, GE, d_in]
+        columns = phi_n.shape[0]
+        d_slots = torch.zeros(batch, columns, d_in, dtype=dtype, device=x.device) if d_slots is None else d_slots.to(dtype)
         d_dispatch = torch.bmm(x, d_slots.transpose(1, 2)).to(cos.dtype)  # [B, N, GE]
         # Softmax backward over tokens (dispatch, per column) and over each group's experts
         # (combine); masked entries have zero weight, so they get zero gradient.
         d_logits = dispatch * (d_dispatch - (dispatch * d_dispatch).sum(1, keepdim=True))
-        grouped = (combine * d_combine).view(batch, tokens, groups, -1).sum(3, keepdim=True)
-        d_logits += combine * (d_combine - grouped.expand(-1, -1, -1, num_experts // groups).reshape_as(d_combine))
+        if d_combine is not None:
+            d_combine = d_combine.to(cos.dtype)
+            per_group = (combine * d_combine).view(batch, tokens, groups, -1).sum(3, keepdim=True)
+            d_logits += combine * (d_combine - per_group.expand(-1, -1, -1, columns // groups).reshape_as(d_combine))
         d_alpha = (d_logits * cos).view(batch, tokens, groups, -1).sum((0, 1, 3))
         d_cos = d_logits * column_alpha
         scaled = d_cos * inv_norm  # d loss / d (phi_n x^T), [B, N, GE]
-        d_phi_n = torch.mm(scaled.reshape(-1, num_experts).t().to(dtype), x.reshape(-1, d_in))
+        d_phi_n = torch.mm(scaled.reshape(-1, columns).t().to(dtype), x.reshape(-1, d_in))
         d_x = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[0]:
             # d x = D d_slots + scaled phi_n - x |x|^-2 sum_e(cos d_cos): the last term is
             # the normalisation's radial part, since norm(x) . d_norm = sum_e cos d_cos.
             stacked_w = torch.cat([dispatch, scaled], dim=2).to(dtype)  # [B, N, 2GE]
-            stacked_v = torch.cat([d_slots, phi_n.expand(batch, num_experts, d_in)], dim=1)  # [B, 2GE, d_in]
+            stacked_v = torch.cat([d_slots, phi_n.expand(batch, columns, d_in)], dim=1)  # [B, 2GE, d_in]
             d_x = torch.bmm(stacked_w, stacked_v)
             radial = inv_norm * inv_norm * (cos * d_cos).sum(-1, keepdim=True)
             d_x.addcmul_(x, radial.to(dtype), value=-1)
-        return grad_out, d_x, d_phi_n, d_alpha, d_w_in, d_w_out, None
+        return d_x, d_phi_n, d_alpha, None
+
+
+def _as_groups(value: Union[torch.Tensor, Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else list(value)
 
 
 def add_soft_mixture(
     frozen: torch.Tensor,
     x: torch.Tensor,
-    phi: torch.Tensor,
-    alpha: torch.Tensor,
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
+    phi: Union[torch.Tensor, Sequence[torch.Tensor]],
+    alpha: Union[torch.Tensor, Sequence[torch.Tensor]],
+    w_in: Union[torch.Tensor, Sequence[torch.Tensor]],
+    w_out: Union[torch.Tensor, Sequence[torch.Tensor]],
     token_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """frozen + sum over groups g of C_g^T [W_out_i W_in_i (D_g X)_i] (eqs. 1-4), in place.
 
     frozen: [B, N, d_out], the frozen layer's output for x; x: [B, N, d_in].
     One block: phi [E, d_in], alpha scalar, w_in [E, r, d_in], w_out [E, d_out, r],
-    token_mask [B, N] bool or None. G blocks at once: phi [G, E, d_in], alpha [G],
-    w_in [G, E, r, d_in], w_out [G, E, d_out, r], token_mask [B, N, G] bool or None.
-    Matmuls run in x's dtype, softmaxes in fp32. Returns frozen (autograd-aware).
+    token_mask [B, N] bool or None. G blocks: sequences of G such tensors (same E) and
+    token_mask [B, N, G] bool or None. Matmuls run in x's dtype, softmaxes in fp32.
+    Returns frozen (updated in place by an autograd-aware baddbmm_).
     """
-    if phi.dim() == 2:
-        phi, alpha, w_in, w_out = phi[None], alpha.reshape(1), w_in[None], w_out[None]
-        token_mask = None if token_mask is None else token_mask[..., None]
-    groups, experts = phi.shape[:2]
-    if alpha.shape != (groups,) or w_in.shape[:2] != (groups, experts) or w_out.shape[:2] != (groups, experts):
-        raise ValueError(f"soft mixture parameters disagree on groups/experts: phi {tuple(phi.shape)}, alpha "
-                         f"{tuple(alpha.shape)}, w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")
+    phis, alphas, w_ins, w_outs = _as_groups(phi), _as_groups(alpha), _as_groups(w_in), _as_groups(w_out)
+    groups, experts = len(phis), phis[0].shape[0]
+    if isinstance(phi, torch.Tensor) and token_mask is not None:
+        token_mask = token_mask[..., None]
+    if not (len(alphas) == len(w_ins) == len(w_outs) == groups) or any(
+        p.shape[0] != experts or wi.shape[0] != experts or wo.shape[0] != experts for p, wi, wo in zip(phis, w_ins, w_outs)
+    ):
+        raise ValueError(f"soft mixture groups disagree: {groups} phi, {len(alphas)} alpha, {len(w_ins)} w_in, "
+                         f"{len(w_outs)} w_out with experts {[p.shape[0] for p in phis]}")
     if token_mask is not None and token_mask.shape != (*x.shape[:2], groups):
         raise ValueError(f"token_mask of shape {tuple(token_mask.shape)} does not fit x {tuple(x.shape)} with {groups} group(s)")
     dtype = x.dtype
-    phi_n = torch.nn.functional.normalize(phi.reshape(groups * experts, -1).to(dtype), dim=-1)
-    return SoftMixtureAdd.apply(frozen, x, phi_n, alpha, w_in.reshape(groups * experts, *w_in.shape[2:]).to(dtype),
-                                w_out.reshape(groups * experts, *w_out.shape[2:]).to(dtype), token_mask)
+    phi_n = torch.nn.functional.normalize(torch.cat(phis).to(dtype), dim=-1)
+    slots, combine = SoftRouting.apply(x, phi_n, torch.stack([a.reshape(()) for a in alphas]), token_mask)
+    # Each group's experts, batched over its E (low rank first): y_e = W_out_e W_in_e slot_e.
+    outputs = []
+    for g, (wi, wo) in enumerate(zip(w_ins, w_outs)):
+        low = torch.einsum("bed,erd->ber", slots[:, g * experts:(g + 1) * experts], wi.to(dtype))
+        outputs.append(torch.einsum("ber,eor->beo", low, wo.to(dtype)))
+    expert_out = outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
+    return frozen.baddbmm_(combine, expert_out)
