@@ -74,3 +74,12 @@ def test_cli_rejects_unknown_key_with_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlmoe", "pretrain", "pretrain_tiny", "train.stepz=3"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown config key 'train.stepz'" in proc.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 is supported on GPUs")
+def test_cli_rejects_fp16_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vlmoe", "pretrain", "pretrain_tiny", "train.precision=fp16",
+                           f"run_dir={tmp_path}/run", "train.shm_comm=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "'train.precision': fp16 is not supported by DeepSpeed's cpu accelerator" in proc.stderr

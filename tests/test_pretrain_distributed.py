@@ -158,3 +158,15 @@ def test_hung_peer_fails_within_the_configured_timeout(prepared_data, tmp_path):
     assert job.returncode != 0
     assert waited < 120, f"job hung {waited:.0f}s with a 15s timeout"
     assert "timeout" in output.lower() or "timed out" in output.lower(), output[-3000:]
+
+
+def test_bf16_zero2_accumulation_trains_and_resumes(prepared_data, tmp_path):
+    """bf16 on ZeRO-2 with 2 micro-batches per step: finite falling loss; a longer rerun resumes."""
+    run_dir = tmp_path / "bf16"
+    args = pretrain_args(prepared_data, run_dir, "train.precision=bf16", "train.zero_stage=2", "train.grad_accum=2")
+    run(deepspeed_cmd(2, *[a.replace(f"train.steps={STEPS}", "train.steps=6") for a in args]), timeout=600)
+    first = losses(run_dir)
+    assert sorted(first) == list(range(1, 7)) and first[6][0] < first[1][0]
+    proc = run(deepspeed_cmd(2, *[a.replace(f"train.steps={STEPS}", "train.steps=8") for a in args]), timeout=600)
+    assert f"at step 6" in proc.stdout
+    assert sorted(losses(run_dir)) == list(range(1, 9))

@@ -132,6 +132,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
     import deepspeed
 
     info = init_distributed(cfg.train.dist_timeout_s, shm_comm=cfg.train.shm_comm)
+    _check_precision(cfg.train.precision)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if info.is_main:
@@ -201,6 +202,16 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
         print(f"done: {t.steps} steps\n  checkpoint: {ckpt_dir / checkpoint.committed_tag(ckpt_dir)}\n"
               f"  metrics:    {run_dir / 'metrics.jsonl'}\n  tensorboard: {run_dir / 'tensorboard'}", flush=True)
     return run_dir
+
+
+def _check_precision(precision: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[precision]:
+        raise ConfigError(f"config key 'train.precision': {precision} is not supported by DeepSpeed's "
+                          f"{accelerator.device_name()} accelerator on this machine; use bf16 or fp32")
 
 
 def _progress_bar(cfg: RunConfig, start_step: int, info: DistInfo):
