@@ -27,11 +27,11 @@ setup(
         "safetensors>=0.4",
         "tensorboard>=2.14",
         "tqdm",
+        "matplotlib",  # study plots and Phi Phi^T heatmaps
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
         "data": ["easy-vqa"],
-        "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": ["vlmoe=vlmoe.cli:main"]},
 )
