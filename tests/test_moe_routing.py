@@ -97,3 +97,19 @@ def test_route_rejects_bad_input():
         route(torch.zeros(3, 2), k=3, capacity=1, batch_priority=False)
     with pytest.raises(ValueError, match=r"logits must be \[S, E\]"):
         route(torch.zeros(3), k=1, capacity=1, batch_priority=False)
+
+
+def test_dispatch_and_combine_place_rows_by_slot():
+    from vlmoe.moe.dispatch import ALIGN, combine, dispatch, plan_dispatch
+
+    r = route(logits_of(GATES_TOP2), k=2, capacity=2, batch_priority=False)
+    tokens = torch.arange(3, dtype=torch.float32).unsqueeze(1).repeat(1, 4) + 1  # token s is all (s + 1)
+    plan = plan_dispatch(r, num_experts=3)
+    assert plan.buffer_capacity == ALIGN
+    buffers = dispatch(tokens, plan)
+    assert buffers.shape == (3, ALIGN, 4)
+    # expert 0: t0, t1; expert 1: t0, t1 (t2's second choice dropped); expert 2: t2
+    assert buffers[:, :3, 0].tolist() == [[1, 2, 0], [1, 2, 0], [3, 0, 0]]
+    assert buffers[:, 3:].abs().sum() == 0
+    out = combine(buffers * 10, plan, r.weight)
+    assert torch.allclose(out[:, 0], torch.tensor([10 * (0.5 + 0.3), 20 * (0.6 + 0.3), 30 * 0.7]))

@@ -1,10 +1,16 @@
-"""Our sparse MoE layer: top-k routing with capacity and BPR, aux losses, index dispatch, expert parallelism."""
+"""Our sparse MoE layer: top-k routing with capacity and BPR, aux losses, index dispatch, expert parallelism.
+
+DeepSpeed wiring lives in `vlmoe.moe.deepspeed_bridge` (prepare_for_deepspeed, moe_param_groups)
+and EP-size-independent expert checkpoints in `vlmoe.moe.expert_checkpoint`.
+"""
 from vlmoe.moe import losses
-from vlmoe.moe.backbone import collect_aux_loss, collect_metrics, freeze_moe, moe_ffn_factory, moe_layers
+from vlmoe.moe.backbone import collect_aux_loss, collect_metrics, freeze_moe, is_moe_block, moe_ffn_factory, moe_layers
 from vlmoe.moe.config import MoEConfig
+from vlmoe.moe.expert_checkpoint import load_experts, save_experts
 from vlmoe.moe.layer import MoE
 from vlmoe.moe.params import parameter_report
 from vlmoe.moe.router import Routing, expert_capacity, route
 
 __all__ = ["MoE", "MoEConfig", "Routing", "collect_aux_loss", "collect_metrics", "expert_capacity", "freeze_moe",
-           "losses", "moe_ffn_factory", "moe_layers", "parameter_report", "route"]
+           "is_moe_block", "load_experts", "losses", "moe_ffn_factory", "moe_layers", "parameter_report", "route",
+           "save_experts"]
