@@ -1,4 +1,4 @@
-"""``vlmoe prepare | pretrain CONFIG [key=value ...]``
+"""``vlmoe prepare | pretrain | finetune CONFIG [key=value ...]``
 
 CONFIG is a YAML path or the name of a shipped config (``vlmoe/configs/*.yaml``).
 Launch training on several ranks with ``deepspeed --num_gpus N --module vlmoe pretrain ...``
@@ -12,6 +12,7 @@ import sys
 from typing import Optional
 
 from vlmoe.config import RunConfig, UsageError, load_config
+from vlmoe.data.sources import DataError
 
 
 def _prepare(cfg: RunConfig) -> None:
@@ -35,7 +36,13 @@ def _pretrain(cfg: RunConfig) -> None:
     pretrain(cfg)
 
 
-COMMANDS = {"prepare": _prepare, "pretrain": _pretrain}
+def _finetune(cfg: RunConfig) -> None:
+    from vlmoe.train.finetune import finetune
+
+    finetune(cfg)
+
+
+COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune}
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -62,5 +69,5 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
     try:
         COMMANDS[args.command](load_config(args.config, args.overrides))
-    except UsageError as exc:  # bad config or data: a message, not a traceback
+    except (UsageError, DataError) as exc:  # bad config or data: a message, not a traceback
         parser.exit(2, f"vlmoe: error: {exc}\n")

@@ -63,6 +63,27 @@ class PretrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """``vlmoe finetune``: a task on a frozen or trainable base, by method.
+
+    The base is a vlmoe pretraining run (``base_run``) or a Hugging Face model (``hf_model``:
+    a local model directory, or a config.json for a randomly initialised model).
+    ``method``: smola | lora | full; ``smola`` / ``lora`` hold that adapter's settings
+    (smola.SMoLAConfig / smola.LoRAConfig fields). ``generalist``: a SMoLA fine-tuning run
+    whose adapter is loaded first, so that ``method: lora`` trains a per-task specialist on top
+    of it (Omni-SMoLA 4.3.4).
+    """
+
+    task: str = "image_classification"
+    base_run: Optional[str] = None
+    hf_model: Optional[str] = None
+    method: str = "smola"
+    smola: dict = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)
+    generalist: Optional[str] = None
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, schedule, precision, logging and checkpoint cadence."""
 
@@ -103,6 +124,7 @@ class RunConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # a DeepSpeed JSON file (path, or a name in ds_configs/) merged over the generated
     # settings, then the `deepspeed` mapping merged over both
@@ -111,6 +133,8 @@ class RunConfig:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+FINETUNE_METHODS = ("smola", "lora", "full")
+FINETUNE_TASKS = ("image_classification",)
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -234,6 +258,15 @@ def validate(cfg: RunConfig) -> None:
     d = cfg.data
     if min(d.image_batch, d.text_batch, d.pair_batch) < 0 or d.image_batch + d.text_batch + d.pair_batch == 0:
         raise ConfigError("config keys 'data.image_batch', 'data.text_batch', 'data.pair_batch': need >= 0 and at least one > 0")
+    f = cfg.finetune
+    if f.method not in FINETUNE_METHODS:
+        raise ConfigError(f"config key 'finetune.method': {f.method!r} is not one of {FINETUNE_METHODS}")
+    if f.task not in FINETUNE_TASKS:
+        raise ConfigError(f"config key 'finetune.task': {f.task!r} is not one of {FINETUNE_TASKS}")
+    if f.base_run is not None and f.hf_model is not None:
+        raise ConfigError("config keys 'finetune.base_run' and 'finetune.hf_model': set only one")
+    if f.generalist is not None and f.method != "lora":
+        raise ConfigError("config key 'finetune.generalist': a specialist on a SMoLA generalist trains method 'lora'")
     p = cfg.pretrain
     for key in ("mlm_prob", "mim_ratio", "vlm_text_prob", "vlm_image_ratio"):
         if not 0.0 < getattr(p, key) < 1.0:

@@ -140,11 +140,12 @@ def committed_tag(root: Path) -> Optional[str]:
     return tag
 
 
-def load(engine: Any, root: Path, tag: str, *, load_optimizer: bool = True) -> dict:
-    """Load the committed checkpoint ``tag`` into ``engine``; returns the trainer's state."""
-    path, client_state = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer,
-        load_module_strict=True)
+def load(engine: Any, root: Path, tag: str, *, strict: bool = True) -> dict:
+    """Load the committed checkpoint ``tag`` into ``engine``; returns the trainer's state.
+
+    ``strict=False`` for checkpoints saved without frozen parameters (fine-tuning).
+    """
+    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=strict)
     if path is None or client_state is None or "vlmoe" not in client_state:
         raise CheckpointError(f"could not load checkpoint {root / tag}")
     return client_state["vlmoe"]

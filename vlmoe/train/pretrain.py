@@ -1,6 +1,7 @@
 """Masked data modeling pretraining (MLM, MIM, VLM) as a Task for the one trainer."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from vlmoe.model.pretraining import VLMoEForPretraining
 from vlmoe.train.distributed import DistInfo
 from vlmoe.train.trainer import Task
 
+MODEL_CONFIG_FILE = "model_config.json"
 # fields of the model that come from the prepared data, not from the config
 DERIVED_FIELDS = ("vocab_size", "codebook_size")
 
@@ -81,6 +83,8 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo) -> Task:
         return StepBatches(datasets, sizes, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                            load_example=load_example, collate=collator, length=length)
 
+    if info.is_main:  # what `vlmoe finetune` rebuilds the backbone from
+        (Path(cfg.run_dir) / MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2), encoding="utf-8")
     total_micro_steps = cfg.train.steps * cfg.train.grad_accum
     model = VLMoEForPretraining(model_cfg)
     return Task(model=model, train_batches=batches("train", total_micro_steps),

@@ -28,8 +28,9 @@ class Task:
     """What a command trains: the model and its batches.
 
     ``model(batch)`` returns a dict with "loss" and any scalar metrics to log.
-    ``metrics(model)`` adds layer metrics (e.g. MoE load) after a step; ``on_eval`` runs
-    after each evaluation (e.g. accuracy over the validation split) and returns metrics.
+    ``extra_metrics(model)`` adds layer metrics (e.g. MoE load) at logging steps.
+    ``exclude_frozen``: checkpoints leave out frozen parameters (they come from the base).
+    ``export(model)`` runs on every rank after each committed checkpoint (e.g. adapter files).
     """
 
     model: torch.nn.Module
@@ -38,6 +39,7 @@ class Task:
     count_tokens: Callable[[dict], int]
     exclude_frozen: bool = False
     extra_metrics: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None
+    export: Optional[Callable[[torch.nn.Module], None]] = None
 
 
 def _seed_step(seed: int, step: int, micro: int, rank: int) -> None:
@@ -152,7 +154,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
     start_step = 0
     tag = checkpoint.committed_tag(ckpt_dir)
     if tag is not None:
-        start_step = checkpoint.load(engine, ckpt_dir, tag)["step"]
+        start_step = checkpoint.load(engine, ckpt_dir, tag, strict=not task.exclude_frozen)["step"]
         if info.is_main:
             print(f"resuming from {ckpt_dir / tag} at step {start_step}", flush=True)
 
@@ -194,6 +196,8 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
         if done % t.save_every == 0 or done == t.steps:
             checkpoint.save(engine, ckpt_dir, done, {"step": done}, rank=info.rank, world_size=info.world_size,
                             zero_stage=zero_stage, keep=t.keep_checkpoints, exclude_frozen=task.exclude_frozen)
+            if task.export is not None:
+                task.export(engine.module)
         progress.update(1)
 
     progress.close()
