@@ -92,7 +92,7 @@ class LinearWrapper(nn.Module):
 class SoftLowRankExperts(nn.Module):
     """The trainable part of a SMoLA block: routing matrix, scale and E low-rank experts.
 
-    Parameters: phi [E, d_in], alpha (scalar), w_in [E, r, d_in], w_out [E, d_out, r]
+    Parameters: phi [E, d_in], alpha [1] (the scalar), w_in [E, r, d_in], w_out [E, d_out, r]
     (zeros, so the block adds nothing at init).
     """
 
@@ -108,7 +108,9 @@ class SoftLowRankExperts(nn.Module):
         # parameters are partitioned as the constructor returns, and w_out must be zeros.
         std = 1.0 / math.sqrt(in_features)
         self.phi = nn.Parameter(torch.randn(num_experts, in_features) * std)
-        self.alpha = nn.Parameter(torch.ones(()))
+        # shape [1], not 0-dim: DeepSpeed broadcasts parameters through a uint8 view, which a
+        # 0-dim tensor cannot take
+        self.alpha = nn.Parameter(torch.ones(1))
         self.w_in = nn.Parameter(torch.randn(num_experts, rank, in_features) * std)
         self.w_out = nn.Parameter(torch.zeros(num_experts, out_features, rank))
 

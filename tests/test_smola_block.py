@@ -24,7 +24,7 @@ def _params(block):
 def test_parameters_named_and_shaped_as_the_issue_says():
     block = smola.SMoLALinear(nn.Linear(6, 5), num_experts=4, rank=3)
     shapes = {n: tuple(p.shape) for n, p in block.named_parameters() if p.requires_grad}
-    assert shapes == {"phi": (4, 6), "alpha": (), "w_in": (4, 3, 6), "w_out": (4, 5, 3)}
+    assert shapes == {"phi": (4, 6), "alpha": (1,), "w_in": (4, 3, 6), "w_out": (4, 5, 3)}
     assert not block.base.weight.requires_grad and not block.base.bias.requires_grad
 
 

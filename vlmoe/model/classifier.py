@@ -1,0 +1,49 @@
+"""Image classification heads: on our multiway backbone, and around a Hugging Face model."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from vlmoe.model.multiway import MultiwayTransformer
+from vlmoe.train.objectives import prediction_accuracy, prediction_loss
+
+
+def _outputs(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"loss": prediction_loss(logits, labels), "accuracy": prediction_accuracy(logits, labels)}
+
+
+class ImageClassifier(nn.Module):
+    """Average of the patch tokens' final states (VL-MoE / BEiT-3), LayerNorm, linear head.
+
+    ``forward(batch)`` with batch {"pixels": Float[B,3,H,W], "labels": Long[B]} returns
+    {"loss", "accuracy"}.
+    """
+
+    def __init__(self, backbone: MultiwayTransformer, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        dim = backbone.cfg.dim
+        self.pool_norm = nn.LayerNorm(dim, eps=backbone.cfg.layer_norm_eps)
+        self.classifier = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.classifier.weight, std=backbone.cfg.init_std)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.backbone(pixels=batch["pixels"])
+        patches = out.hidden[:, out.image_slice][:, 1:]  # [B, P, D] without [I_CLS]
+        logits = self.classifier(self.pool_norm(patches.mean(dim=1)))
+        return _outputs(logits, batch["labels"])
+
+
+class HFImageClassifier(nn.Module):
+    """A transformers image-classification model behind the same batch interface."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        logits = self.model(pixel_values=batch["pixels"]).logits
+        return _outputs(logits, batch["labels"])
