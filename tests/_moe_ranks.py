@@ -2,7 +2,7 @@
 
   equivalence OUT.json   EP=2 over the world vs EP=1 on the same global tokens: outputs and grads
   zero SPECS OUT          per spec STAGE:EP[:nobridge], two SGD steps through a DeepSpeed engine vs by hand
-  reshard save|load DIR  EP=2 writes its experts + outputs / reads experts written by EP=1
+  resume EP SRC DST      ZeRO-2 run under this EP size: load SRC (any EP size) and check it, train, save DST
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vlmoe.moe import MoE
-from vlmoe.moe.expert_checkpoint import load_experts, save_experts
+from vlmoe.moe.expert_checkpoint import global_expert_state, save_experts
 
 
 def _tokens(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,38 +68,6 @@ def equivalence(out_path: str) -> None:
     }
     with open(f"{out_path}.{rank}", "w") as f:
         json.dump(report, f)
-
-
-def reshard_model(ep_group) -> torch.nn.ModuleDict:
-    """Two MoE pools, routers identical for any EP size (same seed); experts to be loaded."""
-    torch.manual_seed(11)
-    return torch.nn.ModuleDict({"a": MoE(16, 24, 8, ep_group=ep_group, min_capacity=0),
-                                "b": MoE(16, 24, 8, k=2, ep_group=ep_group, min_capacity=0)}).eval()
-
-
-def reshard_forward(model: torch.nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
-    h = x + model["a"](x)
-    return h + model["b"](h)
-
-
-def reshard_tokens(rank: int) -> torch.Tensor:
-    return torch.randn(40, 16, generator=torch.Generator().manual_seed(300 + rank))
-
-
-def reshard(direction: str, directory: str) -> None:
-    """save: perturb the experts, write them and each rank's outputs; load: read experts, write outputs."""
-    rank = dist.get_rank()
-    model = reshard_model(dist.group.WORLD)
-    if direction == "save":
-        with torch.no_grad():
-            for layer in model.values():
-                for p in layer.experts.parameters():
-                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(rank)) * 0.05)
-        save_experts(model, f"{directory}/experts_ep2.safetensors")
-    else:
-        load_experts(model, f"{directory}/experts_ep1.safetensors")
-    with torch.no_grad():
-        torch.save(reshard_forward(model, reshard_tokens(rank)), f"{directory}/out_ep2_{direction}_{rank}.pt")
 
 
 class _TinyMoEModel(torch.nn.Module):
@@ -166,8 +134,64 @@ def zero(stage: int, ep_size: int, out_path: str, bridge: bool = True) -> None:
         json.dump(report, f)
 
 
+def _ds_engine(model: torch.nn.Module, lr: float):
+    import deepspeed
+
+    from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
+
+    prepare_for_deepspeed(model, 2)
+    config = {"train_batch_size": dist.get_world_size(), "train_micro_batch_size_per_gpu": 1,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
+              "steps_per_print": 1 << 30}
+    optimizer = torch.optim.SGD(moe_param_groups(model.parameters()), lr=lr)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+
+
+def _global_params(engine) -> dict[str, torch.Tensor]:
+    """Every weight of the model as one EP=1 process would hold it (a collective)."""
+    experts = global_expert_state(engine.module)
+    params = {n: p.detach().clone() for n, p in engine.module.named_parameters() if n not in experts}
+    return {**params, **experts}
+
+
+def resume(ep_size: int, source: str, target: str) -> None:
+    """ZeRO-2 run with this EP size: resume from `source` (a checkpoint written under any EP size) and
+    check every weight, then train one step and save to `target` ("-" = skip either)."""
+    from vlmoe.moe.deepspeed_bridge import load_experts_into_engine
+    from vlmoe.moe.parallel import expert_parallel_group
+
+    rank = dist.get_rank()
+    engine = _ds_engine(_TinyMoEModel(expert_parallel_group(ep_size) if ep_size > 1 else None), lr=0.2)
+    report = {}
+    if source != "-":
+        engine.load_checkpoint(source, tag="t", load_module_strict=False, load_optimizer_states=False)
+        load_experts_into_engine(engine, f"{source}/experts.safetensors")
+        expected = torch.load(f"{source}/expected.pt", weights_only=True)
+        for group in engine.optimizer.param_groups:  # a zero-lr step: ZeRO's fp32 copy must hold the loaded weights
+            group["lr"] = 0.0
+        engine.backward(engine(_zero_tokens(rank)))
+        engine.step()
+        loaded = _global_params(engine)
+        report["errors"] = {n: (loaded[n] - expected[n]).abs().max().item() for n in expected}
+        report["missing"] = sorted(set(expected) ^ set(loaded))
+        for group in engine.optimizer.param_groups:
+            group["lr"] = 0.2
+    if target != "-":
+        before = _global_params(engine)
+        engine.backward(engine(_zero_tokens(rank) + 1.0))
+        engine.step()
+        after = _global_params(engine)
+        report["moved"] = {n: (after[n] - before[n]).abs().max().item() for n in after}
+        engine.save_checkpoint(target, tag="t")
+        save_experts(engine.module, f"{target}/experts.safetensors")
+        if rank == 0:
+            torch.save(after, f"{target}/expected.pt")
+    with open(f"{target if target != '-' else source}/report_ep{ep_size}_{rank}.json", "w") as f:
+        json.dump(report, f)
+
+
 def main() -> None:
-    if sys.argv[1] == "zero":
+    if sys.argv[1] in ("zero", "resume"):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
@@ -181,8 +205,8 @@ def main() -> None:
             for spec in sys.argv[2].split(","):  # "STAGE:EP" or "STAGE:EP:nobridge"
                 stage, ep_size, *flag = spec.split(":")
                 zero(int(stage), int(ep_size), f"{sys.argv[3]}.{spec.replace(':', '_')}", bridge=flag != ["nobridge"])
-        elif mode == "reshard":
-            reshard(sys.argv[2], sys.argv[3])
+        elif mode == "resume":
+            resume(int(sys.argv[2]), sys.argv[3], sys.argv[4])
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     finally:

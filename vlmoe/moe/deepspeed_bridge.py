@@ -92,3 +92,14 @@ def moe_param_groups(params: Union[Iterable[nn.Parameter], list[dict[str, Any]]]
     else:
         groups = [{"name": name, "params": [p for p in items if p.requires_grad]}]
     return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def load_experts_into_engine(engine: Any, path: str) -> None:
+    """Load EP-independent expert weights (`expert_checkpoint.save_experts`) into a DeepSpeed
+    engine's model after `engine.load_checkpoint(..., load_module_strict=False)`, and refresh
+    ZeRO's fp32 master copy so that the next step starts from them."""
+    from vlmoe.moe.expert_checkpoint import load_experts
+
+    load_experts(engine.module, path)
+    if hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()

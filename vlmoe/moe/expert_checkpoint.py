@@ -40,7 +40,8 @@ def global_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
                 dist.all_gather(parts, local.contiguous(), group=layer.ep_group)
                 local = torch.cat(parts, dim=0)
-            state[f"{name}.experts.{param_name}" if name else f"experts.{param_name}"] = local.cpu().contiguous()
+            # clone: on CPU without EP, .cpu() would alias the live parameter
+            state[f"{name}.experts.{param_name}" if name else f"experts.{param_name}"] = local.cpu().clone()
     return state
 
 
