@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE
 
 MODALITIES = ("v", "t")
-BACKENDS = ("ours", "tutel")
+BACKENDS = ("ours",)
 
 
 def _default_aux_losses() -> dict[str, list[str]]:
@@ -26,7 +26,7 @@ class MoEConfig:
     (needed by "load" and "vloss"). aux_losses: balancing terms per modality, from
     importance / load / vloss / switch, weighted by aux_weight; z_loss_weight > 0 adds the
     ST-MoE z-loss. every: MoE in blocks i < vl_ffn_start with i % every == every - 1.
-    ep_size: expert-parallel group size. backend: "ours" or "tutel". freeze: freeze routers
+    ep_size: expert-parallel group size. backend: "ours" (the only one built). freeze: freeze routers
     and experts (fine-tuning, as in ST-MoE / VL-MoE).
     """
 
@@ -64,6 +64,9 @@ class MoEConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"MoEConfig.{name} must be a number >= 0, got {value!r}")
+        if self.backend == "tutel":
+            raise ValueError("MoEConfig.backend='tutel' is not available: this build has no tutel backend "
+                             "(tutel could not be installed and tested here); use backend='ours'")
         if self.backend not in BACKENDS:
             raise ValueError(f"MoEConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.aux_losses, Mapping):
