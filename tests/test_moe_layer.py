@@ -120,6 +120,24 @@ def tiny_model(**moe_overrides):
     return cfg, VLMoEForPretraining(cfg, moe_ffn_factory(cfg, moe_cfg))
 
 
+def test_factory_placement_all_blocks():
+    cfg, model = tiny_model(placement="all")
+    kinds = [(type(b.ffn_v).__name__, type(b.ffn_t).__name__) for b in model.backbone.blocks]
+    assert kinds == [("FeedForward", "FeedForward"), ("MoE", "MoE"), ("FeedForward", "FeedForward"), ("MoE", "MoE")]
+    assert type(model.backbone.blocks[3].ffn_vl).__name__ == "FeedForward"
+
+
+def test_base_parameter_report_matches_paper_scale():
+    cfg = model_config("base")
+    with torch.device("meta"):
+        lower = parameter_report(MultiwayTransformer(cfg, moe_ffn_factory(cfg, MoEConfig())))
+        every = parameter_report(MultiwayTransformer(cfg, moe_ffn_factory(cfg, MoEConfig(placement="all"))))
+    expert = 2 * 768 * 3072 + 3072 + 768
+    assert lower["experts"] == 10 * 32 * expert and every["experts"] == 12 * 32 * expert
+    assert 1.9e9 < every["total"] < 2.1e9 and every["routers"] < 0.5e6  # the paper's "2B total, routers < 0.5M"
+    assert lower["applied_per_token"] == every["applied_per_token"] - 2 * 768 * 32  # one expert per token each
+
+
 def test_factory_places_moe_in_every_second_lower_v_and_t_ffn():
     cfg, model = tiny_model()
     blocks = model.backbone.blocks
@@ -205,6 +223,7 @@ def test_moe_config_rejects_bad_values():
         (dict(aux_losses={"x": ["vloss"]}), "unknown modality 'x'"),
         (dict(noise_std=0.0), "'vloss' needs noise_std > 0"),
         (dict(backend="megablocks"), "backend must be one of"),
+        (dict(placement="top"), "placement must be one of"),
         (dict(backend="tutel"), "backend='tutel' is not available"),
         (dict(num_experts=0), "num_experts must be a positive int"),
     ]

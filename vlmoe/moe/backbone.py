@@ -12,23 +12,23 @@ from vlmoe.moe.layer import MoE
 FfnFactory = Callable[[int, str], nn.Module]
 
 
-def is_moe_block(block_index: int, modality: str, vl_ffn_start: int, every: int) -> bool:
+def is_moe_block(block_index: int, modality: str, below: int, every: int) -> bool:
     """Whether the `modality` FFN of block `block_index` is sparse: every `every`-th V-FFN and
-    T-FFN of the lower blocks (< vl_ffn_start), i.e. blocks every-1, 2*every-1, ... (GShard placement)."""
-    return modality in ("v", "t") and block_index < vl_ffn_start and block_index % every == every - 1
+    T-FFN of the blocks < `below`, i.e. blocks every-1, 2*every-1, ... (GShard placement)."""
+    return modality in ("v", "t") and block_index < below and block_index % every == every - 1
 
 
 def moe_ffn_factory(model_cfg: Any, moe_cfg: MoEConfig, dense_factory: Optional[FfnFactory] = None,
                     ep_group: Optional[object] = None) -> FfnFactory:
     """An ffn_factory(block_index, modality) for the multiway backbone with sparse MoE FFNs.
 
-    model_cfg needs dim, ffn_dim, vl_ffn_start (and optionally init_std); dense FFNs come from
+    model_cfg needs dim, ffn_dim, vl_ffn_start, depth (and optionally init_std); dense FFNs come from
     `dense_factory` (default: the backbone's FeedForward). Vision and text get separate expert
     pools and routers. With moe_cfg.ep_size > 1, `ep_group` (default: DeepSpeed's group for that
     size, see `parallel.expert_parallel_group`) shards the experts. Layers are named
     "moe/L{block}/{modality}" in metrics.
     """
-    for name in ("dim", "ffn_dim", "vl_ffn_start"):
+    for name in ("dim", "ffn_dim", "vl_ffn_start", "depth"):
         if not hasattr(model_cfg, name):
             raise ValueError(f"moe_ffn_factory: model config {type(model_cfg).__name__} has no field {name!r}")
     init_std = getattr(model_cfg, "init_std", 0.02)
@@ -45,8 +45,10 @@ def moe_ffn_factory(model_cfg: Any, moe_cfg: MoEConfig, dense_factory: Optional[
         raise ValueError(f"moe_ffn_factory: ep_group has {torch.distributed.get_world_size(ep_group)} ranks, "
                          f"moe_cfg.ep_size={moe_cfg.ep_size}")
 
+    below = model_cfg.vl_ffn_start if moe_cfg.placement == "lower" else model_cfg.depth
+
     def factory(block_index: int, modality: str) -> nn.Module:
-        if not is_moe_block(block_index, modality, model_cfg.vl_ffn_start, moe_cfg.every):
+        if not is_moe_block(block_index, modality, below, moe_cfg.every):
             return dense_factory(block_index, modality)
         layer = MoE(model_cfg.dim, model_cfg.ffn_dim, moe_cfg.num_experts, k=moe_cfg.k,
                     capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,

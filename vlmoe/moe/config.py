@@ -9,6 +9,7 @@ from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE
 
 MODALITIES = ("v", "t")
 BACKENDS = ("ours",)
+PLACEMENTS = ("lower", "all")
 
 
 def _default_aux_losses() -> dict[str, list[str]]:
@@ -25,7 +26,9 @@ class MoEConfig:
     min_capacity. batch_priority: BPR. noise_std: logit noise sigma = noise_std / E in training
     (needed by "load" and "vloss"). aux_losses: balancing terms per modality, from
     importance / load / vloss / switch, weighted by aux_weight; z_loss_weight > 0 adds the
-    ST-MoE z-loss. every: MoE in blocks i < vl_ffn_start with i % every == every - 1.
+    ST-MoE z-loss. every / placement: MoE in the V-FFN and T-FFN of blocks i with
+    i % every == every - 1 and i < vl_ffn_start ("lower", the paper's text) or any i ("all",
+    which is what the paper's 2B-parameter count for BASE/32E corresponds to).
     ep_size: expert-parallel group size. backend: "ours" (the only one built). freeze: freeze routers
     and experts (fine-tuning, as in ST-MoE / VL-MoE).
     """
@@ -41,6 +44,7 @@ class MoEConfig:
     aux_weight: float = 0.01
     z_loss_weight: float = 0.0
     every: int = 2
+    placement: str = "lower"
     ep_size: int = 1
     backend: str = "ours"
     freeze: bool = False
@@ -64,6 +68,8 @@ class MoEConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"MoEConfig.{name} must be a number >= 0, got {value!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"MoEConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.backend == "tutel":
             raise ValueError("MoEConfig.backend='tutel' is not available: this build has no tutel backend "
                              "(tutel could not be installed and tested here); use backend='ours'")

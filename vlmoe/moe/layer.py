@@ -12,11 +12,11 @@ from vlmoe.moe.experts import Experts
 from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE, RouterTensors, aux_loss_terms, weighted_aux_loss
 from vlmoe.moe.metrics import RoutingStats
 from vlmoe.moe.parallel import ep_rank_and_size, run_expert_parallel
-from vlmoe.moe.router import expert_capacity, route
+from vlmoe.moe.router import Routing, expert_capacity, route
 
 
 def _current_task() -> Optional[str]:
-    # Per-task metrics only; the backbone package owns the task contextvar.
+    # Imported here, not at the top: the backbone package (owner of the task contextvar) builds MoE layers.
     from vlmoe.model.task import current_task
 
     return current_task()
@@ -111,7 +111,7 @@ class MoE(nn.Module):
             self._record(routing, terms)
         return out
 
-    def _aux_terms(self, routing, logits: torch.Tensor, noisy: torch.Tensor,
+    def _aux_terms(self, routing: Routing, logits: torch.Tensor, noisy: torch.Tensor,
                    noise_std: float) -> dict[str, torch.Tensor]:
         if not self.training or logits.shape[0] == 0:
             return {}
@@ -121,7 +121,7 @@ class MoE(nn.Module):
                                 k=self.k, noise_std=noise_std)
         return aux_loss_terms(self.aux_losses, tensors, self.z_loss_weight)
 
-    def _record(self, routing, terms: dict[str, torch.Tensor]) -> None:
+    def _record(self, routing: Routing, terms: dict[str, torch.Tensor]) -> None:
         total = weighted_aux_loss(terms, self.aux_weight, self.z_loss_weight)
         if total is not None:
             self._aux_sum = total if self._aux_sum is None else self._aux_sum + total
