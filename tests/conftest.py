@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,32 @@ def run(cmd: list[str], timeout: float, check: bool = True) -> subprocess.Comple
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def rank_pid(run_dir: Path, local_rank: int) -> int:
+    """The pid of the training process of ``local_rank`` in the job writing ``run_dir``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"run_dir={run_dir}".encode() in argv and f"--local_rank={local_rank}".encode() in argv:
+            return int(entry.name)
+    raise AssertionError(f"no rank {local_rank} process for {run_dir}")
+
+
+def wait_for_commit(run_dir: Path, tag: str, proc: subprocess.Popen, timeout: float) -> None:
+    pointer = run_dir / "checkpoints" / "last_good"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pointer.exists() and pointer.read_text().strip() >= tag:
+            return
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{tag} was not committed within {timeout}s")
+
 
 
 @pytest.fixture(scope="session")

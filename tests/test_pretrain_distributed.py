@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TEST_OVERRIDES, deepspeed_cmd, free_port, launch_env, run, torchrun_cmd
-from vlmoe.train.checkpoint import POINTER, committed_tag, tag_for
+from conftest import (REPO, TEST_OVERRIDES, deepspeed_cmd, free_port, launch_env, rank_pid, run, torchrun_cmd,
+                      wait_for_commit)
+from vlmoe.train.checkpoint import committed_tag, tag_for
 from vlmoe.train.metrics import read_metrics
 
 STEPS = 16
@@ -75,38 +76,13 @@ def test_two_nodes_through_a_hostfile(prepared_data, reference, tmp_path):
     assert losses(run_dir) == losses(reference)
 
 
-def _rank_pid(run_dir: Path, local_rank: int) -> int:
-    """The pid of the training process of ``local_rank`` in the job writing ``run_dir``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"run_dir={run_dir}".encode() in argv and f"--local_rank={local_rank}".encode() in argv:
-            return int(entry.name)
-    raise AssertionError(f"no rank {local_rank} process for {run_dir}")
-
-
-def _wait_for_commit(run_dir: Path, tag: str, proc: subprocess.Popen, timeout: float) -> None:
-    pointer = run_dir / "checkpoints" / POINTER
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pointer.exists() and pointer.read_text().strip() >= tag:
-            return
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        time.sleep(0.05)
-    raise AssertionError(f"{tag} was not committed within {timeout}s")
-
-
 def test_kill9_then_torn_save_resume_identically(prepared_data, reference, tmp_path):
     run_dir = tmp_path / "killed"
     cmd = deepspeed_cmd(2, *pretrain_args(prepared_data, run_dir))
     job = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_commit(run_dir, tag_for(8), job, timeout=400)
-        os.kill(_rank_pid(run_dir, 1), signal.SIGKILL)
+        wait_for_commit(run_dir, tag_for(8), job, timeout=400)
+        os.kill(rank_pid(run_dir, 1), signal.SIGKILL)
         output = job.communicate(timeout=120)[0]
     finally:
         if job.poll() is None:
@@ -141,8 +117,8 @@ def test_hung_peer_fails_within_the_configured_timeout(prepared_data, tmp_path):
     job = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stopped = None
     try:
-        _wait_for_commit(run_dir, tag_for(4), job, timeout=400)
-        stopped = _rank_pid(run_dir, 1)
+        wait_for_commit(run_dir, tag_for(4), job, timeout=400)
+        stopped = rank_pid(run_dir, 1)
         os.kill(stopped, signal.SIGSTOP)
         start = time.monotonic()
         output = job.communicate(timeout=180)[0]

@@ -149,6 +149,16 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_finetuned(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """A fine-tuned model rebuilt on one process: the base, then the run's exported adapter and head."""
+    model, _, _ = build_classifier(cfg, num_classes)
+    target = adapter_target(model)
+    adapter = Path(cfg.run_dir) / ADAPTER_DIR
+    smola.load_adapter(target, adapter)  # the whole stack: a specialist's file holds its generalist too
+    _load_head(model, adapter)
+    return model.eval()
+
+
 def _class_names(dataset) -> list[str]:
     return sorted({name for name in dataset["label_name"] if name})
 

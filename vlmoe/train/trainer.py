@@ -126,7 +126,17 @@ def evaluate(engine, batches: StepBatches, num_batches: int, info: DistInfo) -> 
         for key, value in _scalars(engine(to_device(batch, info.device, _dtype(engine)))).items():
             totals[key] = totals.get(key, 0.0) + value / num_batches
     engine.train()
+    _forget_zero3_trace(engine)
     return {f"val/{k}": v for k, v in all_reduce_mean(totals, info.device).items()}
+
+
+def _forget_zero3_trace(engine) -> None:
+    # ZeRO-3 prefetches parameters along the module order it traced in a training step; a
+    # trace that lived through forward-only evaluation can mismatch the next backward
+    # ("tracing error ... expected the next N parameters"). Re-record it instead.
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is not None:
+        offload.get_param_coordinator()._invalidate_trace()
 
 
 def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Path:
