@@ -117,7 +117,7 @@ def test_hugging_face_vit_from_config_with_smola(prepared_data, tmp_path):
               intermediate_size=128).save_pretrained(str(config_dir))
     run_dir = tmp_path / "hf"
     run(deepspeed_cmd(2, "finetune", "finetune_tiny_smola", f"data.dir={prepared_data}", f"run_dir={run_dir}",
-                      f"finetune.hf_model={config_dir / 'config.json'}", "finetune.smola.mode=mm",
+                      f"finetune.hf_model={config_dir / 'config.json'}", "finetune.base_run=null", "finetune.smola.mode=mm",
                       *[o for o in FT_OVERRIDES if not o.startswith("train.steps")], "train.steps=8"), timeout=600)
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 9)) and all(v == v for v in curve.values())

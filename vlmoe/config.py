@@ -125,6 +125,8 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # sparse MoE FFNs (vlmoe.moe.MoEConfig fields); absent = dense backbone
+    moe: Optional[dict] = None
     train: TrainConfig = field(default_factory=TrainConfig)
     # a DeepSpeed JSON file (path, or a name in ds_configs/) merged over the generated
     # settings, then the `deepspeed` mapping merged over both
@@ -258,6 +260,8 @@ def validate(cfg: RunConfig) -> None:
     d = cfg.data
     if min(d.image_batch, d.text_batch, d.pair_batch) < 0 or d.image_batch + d.text_batch + d.pair_batch == 0:
         raise ConfigError("config keys 'data.image_batch', 'data.text_batch', 'data.pair_batch': need >= 0 and at least one > 0")
+    if cfg.moe is not None:
+        moe_config(cfg)
     f = cfg.finetune
     if f.method not in FINETUNE_METHODS:
         raise ConfigError(f"config key 'finetune.method': {f.method!r} is not one of {FINETUNE_METHODS}")
@@ -271,6 +275,18 @@ def validate(cfg: RunConfig) -> None:
     for key in ("mlm_prob", "mim_ratio", "vlm_text_prob", "vlm_image_ratio"):
         if not 0.0 < getattr(p, key) < 1.0:
             raise ConfigError(f"config key 'pretrain.{key}' must lie in (0, 1), got {getattr(p, key)}")
+
+
+def moe_config(cfg: RunConfig):
+    """The run's MoEConfig, or None for a dense backbone; errors name the 'moe' section."""
+    if cfg.moe is None:
+        return None
+    from vlmoe.moe.config import MoEConfig
+
+    try:
+        return MoEConfig.from_dict(cfg.moe)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config section 'moe': {exc}") from exc
 
 
 def to_dict(cfg: RunConfig) -> dict:

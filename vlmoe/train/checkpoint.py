@@ -19,7 +19,11 @@ from typing import Any, Optional
 
 import torch
 
+from vlmoe.moe.deepspeed_bridge import load_experts_into_engine
+from vlmoe.moe.expert_checkpoint import save_experts
+
 POINTER = "last_good"
+EXPERTS_FILE = "experts.safetensors"
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -57,9 +61,9 @@ def _allow_deepspeed_globals() -> None:
     )
 
 
-def _expected_shards(tag_dir: Path, world_size: int, zero_stage: int) -> list[str]:
+def _expected_shards(tag_dir: Path, world_size: int, zero_stage: int, experts: bool) -> list[str]:
     """Names of missing files, by DeepSpeed's naming (empty when the save is complete)."""
-    missing = []
+    missing = [EXPERTS_FILE] if experts and not (tag_dir / EXPERTS_FILE).exists() else []
     if not glob.glob(str(tag_dir / "*model_states.pt")):
         missing.append("*model_states.pt")
     if zero_stage > 0:
@@ -88,11 +92,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save(engine: Any, root: Path, step: int, state: dict, *, rank: int, world_size: int, zero_stage: int,
-         keep: int, exclude_frozen: bool = False) -> Path:
+         keep: int, exclude_frozen: bool = False, experts: bool = False) -> Path:
     """Save a checkpoint for ``step`` on every rank and commit it. Collective: all ranks call.
 
     ``state`` is the trainer's own state (JSON-like, small); it travels in DeepSpeed's
-    client_state. Returns the committed tag directory.
+    client_state. ``experts``: the model has MoE layers, whose experts go to one
+    EP-size-independent file (``experts.safetensors``). Returns the committed tag directory.
     """
     from vlmoe.train.distributed import barrier
 
@@ -103,9 +108,11 @@ def save(engine: Any, root: Path, step: int, state: dict, *, rank: int, world_si
     barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"vlmoe": state}, save_latest=False,
                            exclude_frozen_parameters=exclude_frozen)
+    if experts:
+        save_experts(engine.module, tag_dir / EXPERTS_FILE)
     (tag_dir / f".rank{rank}.done").touch()
     barrier()
-    missing = _expected_shards(tag_dir, world_size, zero_stage) if rank == 0 else []
+    missing = _expected_shards(tag_dir, world_size, zero_stage, experts) if rank == 0 else []
     complete = torch.tensor([0.0 if missing else 1.0], device=engine.device)
     torch.distributed.broadcast(complete, src=0)  # every rank fails together, none hangs
     if not complete.item():
@@ -140,22 +147,44 @@ def committed_tag(root: Path) -> Optional[str]:
     return tag
 
 
-def load(engine: Any, root: Path, tag: str, *, strict: bool = True) -> dict:
+def load(engine: Any, root: Path, tag: str, *, strict: bool = True, topology: Optional[dict] = None,
+         experts: bool = False) -> dict:
     """Load the committed checkpoint ``tag`` into ``engine``; returns the trainer's state.
 
-    ``strict=False`` for checkpoints saved without frozen parameters (fine-tuning).
+    ``strict=False`` for checkpoints saved without frozen parameters (fine-tuning) or
+    without experts (MoE: they come from ``experts.safetensors``). When ``topology`` (world
+    and EP size) differs from the saved one, ZeRO's partitioned optimizer state cannot be
+    mapped and is not loaded: weights resume exactly, Adam moments restart (a warning says so).
     """
-    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=strict)
+    saved = _saved_state(root / tag)
+    same_topology = topology is None or all(saved.get(k, v) == v for k, v in topology.items())
+    if not same_topology:
+        print(f"warning: {root / tag} was saved with {({k: saved.get(k) for k in topology})}, this run has "
+              f"{topology}: loading weights only; optimizer moments restart", flush=True)
+    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=strict,
+                                                load_optimizer_states=same_topology,
+                                                load_lr_scheduler_states=same_topology)
     if path is None or client_state is None or "vlmoe" not in client_state:
         raise CheckpointError(f"could not load checkpoint {root / tag}")
+    if experts:
+        load_experts_into_engine(engine, str(root / tag / EXPERTS_FILE))
     return client_state["vlmoe"]
 
 
-def load_module_weights(module: torch.nn.Module, checkpoint_dir: str | os.PathLike, strict: bool = True) -> list[str]:
+def _saved_state(tag_dir: Path) -> dict:
+    """The trainer state stored beside the weights (read before the engine loads)."""
+    files = sorted(glob.glob(str(tag_dir / "*model_states.pt")))
+    if not files:
+        raise CheckpointError(f"no model_states.pt in {tag_dir}")
+    _allow_deepspeed_globals()
+    return torch.load(files[0], map_location="cpu", weights_only=True).get("vlmoe", {})
+
+
+def load_module_weights(module: torch.nn.Module, checkpoint_dir: str | os.PathLike, strict: bool = True) -> Path:
     """Load the model weights of a committed run checkpoint into a bare module (no engine).
 
     ``checkpoint_dir`` is a run's ``checkpoints/`` directory (the committed tag is used) or a
-    tag directory. Returns the names of the module's keys the checkpoint did not have.
+    tag directory. Returns the tag directory read (experts, if any, are beside it).
     """
     path = Path(checkpoint_dir)
     if (path / POINTER).exists():
@@ -165,5 +194,5 @@ def load_module_weights(module: torch.nn.Module, checkpoint_dir: str | os.PathLi
         raise CheckpointError(f"no model_states.pt in {path}: not a vlmoe checkpoint")
     _allow_deepspeed_globals()
     state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
-    result = module.load_state_dict(state, strict=strict)
-    return list(result.missing_keys)
+    module.load_state_dict(state, strict=strict)
+    return path

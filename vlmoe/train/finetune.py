@@ -21,10 +21,11 @@ from vlmoe.data.loader import SUBSET_DIRS, DataDirError, StepBatches, check_data
 from vlmoe.model.classifier import HFImageClassifier, ImageClassifier
 from vlmoe.model.config import ModelConfig
 from vlmoe.model.multiway import MultiwayTransformer
-from vlmoe.model.pretraining import VLMoEForPretraining
-from vlmoe.train.checkpoint import CheckpointError, load_module_weights
+from vlmoe.moe import MoEConfig, freeze_moe, moe_layers
+from vlmoe.moe.expert_checkpoint import load_experts
+from vlmoe.train.checkpoint import EXPERTS_FILE, CheckpointError, load_module_weights
 from vlmoe.train.distributed import DistInfo
-from vlmoe.train.pretrain import MODEL_CONFIG_FILE
+from vlmoe.train.pretrain import MODEL_CONFIG_FILE, build_pretraining_model
 from vlmoe.train.trainer import Task
 
 ADAPTER_DIR = "adapter"
@@ -38,12 +39,18 @@ def load_pretrained_backbone(run_dir: str | Path) -> MultiwayTransformer:
     if not config_path.is_file():
         raise ConfigError(f"config key 'finetune.base_run': '{config_path}' not found (is '{run_dir}' a vlmoe "
                           f"pretraining run?)")
-    model_cfg = ModelConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    pretrained = VLMoEForPretraining(model_cfg)
+    record = json.loads(config_path.read_text(encoding="utf-8"))
+    model_cfg = ModelConfig.from_dict(record["model"])
+    moe_cfg = MoEConfig.from_dict({**record["moe"], "ep_size": 1}) if record.get("moe") else None
+    pretrained = build_pretraining_model(model_cfg, moe_cfg, world_size=1)
     try:
-        load_module_weights(pretrained, run_dir / "checkpoints")
+        tag_dir = load_module_weights(pretrained, run_dir / "checkpoints", strict=moe_cfg is None)
+        if moe_cfg is not None:
+            load_experts(pretrained, tag_dir / EXPERTS_FILE)
     except (CheckpointError, FileNotFoundError) as exc:
         raise ConfigError(f"config key 'finetune.base_run': {exc}") from exc
+    if moe_cfg is not None:
+        freeze_moe(pretrained)  # routers and experts stay frozen in fine-tuning (VL-MoE, ST-MoE)
     return pretrained.backbone
 
 
@@ -107,7 +114,13 @@ def add_method(cfg: RunConfig, model: nn.Module) -> None:
             raise ConfigError(f"config key 'finetune.generalist': no adapter in '{generalist}'")
         smola.load_adapter(target, generalist)
         _load_head(model, generalist)
-    smola.inject(target, adapter_config(cfg))
+    config = adapter_config(cfg)
+    if moe_layers(target) and not isinstance(config, smola.FullConfig):
+        # routers stay as pretrained: an adapter on a router would re-route the frozen experts
+        config.exclude_modules = [*config.exclude_modules, "router"] if isinstance(config.exclude_modules, list) \
+            else f"(?:{config.exclude_modules})|.*\\.router"
+    smola.inject(target, config)
+    freeze_moe(target)  # full fine-tuning too: MoE routers and experts stay frozen (VL-MoE, ST-MoE)
     for module in _head(model):
         module.requires_grad_(True)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from vlmoe.config import ConfigError, RunConfig
+from vlmoe.config import ConfigError, RunConfig, moe_config
 from vlmoe.data.collate import PretrainCollator
 from vlmoe.data.images import image_to_tensor
 from vlmoe.data.loader import (SUBSET_DIRS, TEXT_TOKENIZER_FILE, VISUAL_TOKENIZER_FILE, DataDirError, StepBatches,
@@ -83,12 +83,27 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo) -> Task:
         return StepBatches(datasets, sizes, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                            load_example=load_example, collate=collator, length=length)
 
+    moe_cfg = moe_config(cfg)
     if info.is_main:  # what `vlmoe finetune` rebuilds the backbone from
-        (Path(cfg.run_dir) / MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2), encoding="utf-8")
+        record = {"model": model_cfg.to_dict(), "moe": moe_cfg.to_dict() if moe_cfg else None}
+        (Path(cfg.run_dir) / MODEL_CONFIG_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
     total_micro_steps = cfg.train.steps * cfg.train.grad_accum
-    model = VLMoEForPretraining(model_cfg)
-    return Task(model=model, train_batches=batches("train", total_micro_steps),
+    return Task(model=build_pretraining_model(model_cfg, moe_cfg, info.world_size),
+                train_batches=batches("train", total_micro_steps),
                 eval_batches=batches("validation", cfg.data.eval_batches), count_tokens=count_tokens)
+
+
+def build_pretraining_model(model_cfg: ModelConfig, moe_cfg, world_size: int) -> VLMoEForPretraining:
+    """The dense multiway model, or VL-MoE with sparse V/T FFNs when ``moe_cfg`` is set."""
+    if moe_cfg is None:
+        return VLMoEForPretraining(model_cfg)
+    from vlmoe.moe import moe_ffn_factory
+
+    try:
+        moe_cfg.check_world(world_size)
+    except ValueError as exc:
+        raise ConfigError(f"config section 'moe': {exc}") from exc
+    return VLMoEForPretraining(model_cfg, moe_ffn_factory(model_cfg, moe_cfg))
 
 
 def _load_split(root: Path, subset: str, split: str):

@@ -15,8 +15,10 @@ from typing import Callable, Optional
 
 import torch
 
-from vlmoe.config import ConfigError, RunConfig, dump_config
+from vlmoe.config import ConfigError, RunConfig, dump_config, moe_config
 from vlmoe.data.loader import StepBatches, iterate, to_device
+from vlmoe.moe import collect_aux_loss, collect_metrics, moe_layers
+from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
 from vlmoe.train import checkpoint
 from vlmoe.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from vlmoe.train.metrics import MetricsLog
@@ -120,14 +122,25 @@ def evaluate(engine, batches: StepBatches, num_batches: int, info: DistInfo) -> 
     """Mean of the model's scalar outputs over ``num_batches`` fixed validation batches."""
     engine.eval()
     totals: dict[str, float] = {}
+    moe = bool(moe_layers(engine.module))
     for i, batch in enumerate(iterate(batches, 0, 0)):
         if i == num_batches:
             break
-        for key, value in _scalars(engine(to_device(batch, info.device, _dtype(engine)))).items():
+        out = engine(to_device(batch, info.device, _dtype(engine)))
+        if moe:
+            out["aux_loss"] = collect_aux_loss(engine.module)
+        for key, value in _scalars(out).items():
             totals[key] = totals.get(key, 0.0) + value / num_batches
+    if moe:  # routing at the evaluation capacity factor
+        totals.update(collect_metrics(engine.module))
     engine.train()
     _forget_zero3_trace(engine)
     return {f"val/{k}": v for k, v in all_reduce_mean(totals, info.device).items()}
+
+
+def _ep_size(cfg: RunConfig) -> int:
+    moe = moe_config(cfg)
+    return moe.ep_size if moe is not None else 1
 
 
 def _forget_zero3_trace(engine) -> None:
@@ -157,14 +170,20 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
     t = cfg.train
     ds_config = deepspeed_config(cfg, info.world_size)
     zero_stage = ds_config["zero_optimization"].get("stage", 0)
-    engine, _, _, _ = deepspeed.initialize(model=task.model, model_parameters=param_groups(task.model, t.weight_decay),
-                                           config=ds_config)
+    groups = param_groups(task.model, t.weight_decay)
+    moe = bool(moe_layers(task.model))
+    if moe:  # expert grads reduce within their expert-data-parallel group only
+        prepare_for_deepspeed(task.model, zero_stage)
+        groups = moe_param_groups(groups)
+    engine, _, _, _ = deepspeed.initialize(model=task.model, model_parameters=groups, config=ds_config)
     checkpoint.install_safe_loading(engine)
+    topology = {"world_size": info.world_size, "ep_size": _ep_size(cfg)}
 
     start_step = 0
     tag = checkpoint.committed_tag(ckpt_dir)
     if tag is not None:
-        start_step = checkpoint.load(engine, ckpt_dir, tag, strict=not task.exclude_frozen)["step"]
+        start_step = checkpoint.load(engine, ckpt_dir, tag, strict=not (task.exclude_frozen or moe),
+                                     topology=topology, experts=moe)["step"]
         if info.is_main:
             print(f"resuming from {ckpt_dir / tag} at step {start_step}", flush=True)
 
@@ -184,6 +203,9 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
             batch = next(batches)
             window_tokens += task.count_tokens(batch)
             out = engine(to_device(batch, info.device, dtype))
+            if moe:
+                out["aux_loss"] = collect_aux_loss(engine.module)
+                out["loss"] = out["loss"] + out["aux_loss"]
             engine.backward(out["loss"])
             engine.step()
             for key, value in _scalars(out).items():
@@ -191,6 +213,8 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
 
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
+            if moe:
+                step_metrics.update(collect_metrics(engine.module))
             if task.extra_metrics is not None:
                 step_metrics.update(task.extra_metrics(engine.module))
             elapsed = time.perf_counter() - window_start
@@ -204,8 +228,9 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
         if task.eval_batches is not None and (done % t.eval_every == 0 or done == t.steps):
             log.log(done, evaluate(engine, task.eval_batches, cfg.data.eval_batches, info))
         if done % t.save_every == 0 or done == t.steps:
-            checkpoint.save(engine, ckpt_dir, done, {"step": done}, rank=info.rank, world_size=info.world_size,
-                            zero_stage=zero_stage, keep=t.keep_checkpoints, exclude_frozen=task.exclude_frozen)
+            checkpoint.save(engine, ckpt_dir, done, {"step": done, **topology}, rank=info.rank,
+                            world_size=info.world_size, zero_stage=zero_stage, keep=t.keep_checkpoints,
+                            exclude_frozen=task.exclude_frozen, experts=moe)
             if task.export is not None:
                 task.export(engine.module)
         progress.update(1)

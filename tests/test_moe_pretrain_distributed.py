@@ -1,0 +1,69 @@
+"""Sparse VL-MoE through the trainer: EP=2 pretraining on 2 ranks, resume at EP=1, SMoLA on it under ZeRO-3."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_OVERRIDES, deepspeed_cmd, run
+from vlmoe.train.checkpoint import EXPERTS_FILE, committed_tag, tag_for
+from vlmoe.train.metrics import read_metrics
+
+MOE_ARGS = ["train.save_every=4", "train.eval_every=8", "train.steps=8", *TEST_OVERRIDES]
+
+
+@pytest.fixture(scope="module")
+def moe_run(prepared_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("moe") / "ep2"
+    run(deepspeed_cmd(2, "pretrain", "pretrain_tiny_moe", f"data.dir={prepared_data}", f"run_dir={run_dir}",
+                      *MOE_ARGS), timeout=600)
+    return run_dir
+
+
+def test_ep2_pretraining_loss_falls_and_logs_routing(moe_run):
+    records = read_metrics(moe_run, "loss")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("mlm", "mim", "vlm"):
+        assert sum(r[key] for r in records[-2:]) < sum(r[key] for r in records[:2]), key
+    last = records[-1]
+    for layer in ("L1", "L3"):  # every second V-FFN and T-FFN of the lower blocks
+        assert 0.0 <= last[f"moe/{layer}/v/dropped/mim"] <= 1.0 and f"moe/{layer}/v/dropped/vlm" in last
+        assert 0.0 <= last[f"moe/{layer}/t/dropped/mlm"] <= 1.0
+        assert abs(sum(last[f"moe/{layer}/v/load/{e}"] for e in range(8)) - 1.0) < 1e-5
+        assert last[f"moe/{layer}/v/aux/vloss"] > 0 and last[f"moe/{layer}/t/aux/switch"] > 0
+    assert "moe/L2/v/dropped" not in last and last["aux_loss"] > 0
+    val = read_metrics(moe_run, "val/loss")[-1]
+    assert "val/moe/L1/v/dropped" in val
+    assert (moe_run / "checkpoints" / tag_for(8) / EXPERTS_FILE).exists()
+    assert json.loads((moe_run / "model_config.json").read_text())["moe"]["ep_size"] == 2
+
+
+def test_resume_ep2_checkpoint_on_one_rank_with_ep1(moe_run, prepared_data, tmp_path):
+    import shutil
+    run_dir = tmp_path / "ep1"
+    shutil.copytree(moe_run, run_dir)
+    proc = run(deepspeed_cmd(1, "pretrain", "pretrain_tiny_moe", f"data.dir={prepared_data}", f"run_dir={run_dir}",
+                             *[a.replace("train.steps=8", "train.steps=10") for a in MOE_ARGS], "moe.ep_size=1"),
+               timeout=600)
+    assert "resuming from" in proc.stdout and "at step 8" in proc.stdout
+    assert "optimizer moments restart" in proc.stdout
+    records = {r["step"]: r for r in read_metrics(run_dir, "loss")}
+    assert sorted(records) == list(range(1, 11))
+    assert records[9]["loss"] < records[1]["loss"]  # continues from trained weights, not from scratch
+    assert committed_tag(run_dir / "checkpoints") == tag_for(10)
+
+
+def test_smola_on_the_sparse_backbone_under_zero3(moe_run, prepared_data, tmp_path):
+    run_dir = tmp_path / "smola-on-moe"
+    proc = run(deepspeed_cmd(2, "finetune", "finetune_tiny_smola", f"data.dir={prepared_data}",
+                             f"finetune.base_run={moe_run}", f"run_dir={run_dir}", "finetune.smola.num_experts=4",
+                             "data.image_batch=8", "data.eval_batches=1", "train.steps=6", "train.save_every=3",
+                             "train.eval_every=3", *TEST_OVERRIDES[3:]), timeout=600)
+    assert "finetune smola" in proc.stdout
+    curve = read_metrics(run_dir, "loss")
+    assert len(curve) == 6 and all(r["loss"] == r["loss"] for r in curve)
+    assert "moe/L1/v/dropped" in curve[-1]
+    from safetensors.torch import load_file
+    names = load_file(str(run_dir / "adapter" / "adapter_model.safetensors")).keys()
+    assert names and not any("router" in n or "experts" in n for n in names)
