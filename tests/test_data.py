@@ -287,8 +287,8 @@ def test_split_is_stable_under_other_changes(tmp_path, user_data):
     settings = dict(SMALL_SETTINGS, codebook_size=4, tokenizer_fit_images=4)
     small = prepare(tmp_path / "small", [SourceSpec("wordnet", max_items=100), SourceSpec("fashion_mnist", max_items=4)],
                     **settings)
-    large = prepare(tmp_path / "large", [SourceSpec("shakespeare", max_items=30), SourceSpec("wordnet", max_items=200),
-                                         SourceSpec("fashion_mnist", max_items=4)], **settings)
+    prepare(tmp_path / "large", [SourceSpec("shakespeare", max_items=30), SourceSpec("wordnet", max_items=200),
+                   SourceSpec("fashion_mnist", max_items=4)], **settings)
     small_val = {r["text"] for r in _rows(tmp_path / "small" / "texts")["validation"]}
     large_val = {r["text"] for r in _rows(tmp_path / "large" / "texts")["validation"] if r["source"] == "wordnet"}
     assert small_val and small_val <= large_val

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmoe.model.config import model_config
-from vlmoe.model.multiway import FeedForward, MultiwayTransformer
+from vlmoe.model.multiway import MultiwayTransformer
 from vlmoe.model.pretraining import VLMoEForPretraining
 from vlmoe.model.task import task_scope
 from vlmoe.moe import MoE, MoEConfig, collect_aux_loss, collect_metrics, freeze_moe, moe_ffn_factory, parameter_report

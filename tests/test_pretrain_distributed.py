@@ -144,5 +144,5 @@ def test_bf16_zero2_accumulation_trains_and_resumes(prepared_data, tmp_path):
     first = losses(run_dir)
     assert sorted(first) == list(range(1, 7)) and first[6][0] < first[1][0]
     proc = run(deepspeed_cmd(2, *[a.replace(f"train.steps={STEPS}", "train.steps=8") for a in args]), timeout=600)
-    assert f"at step 6" in proc.stdout
+    assert "at step 6" in proc.stdout
     assert sorted(losses(run_dir)) == list(range(1, 9))

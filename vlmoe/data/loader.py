@@ -30,7 +30,7 @@ class DataDirError(UsageError):
 def check_data_dir(data_dir: str | os.PathLike, subsets: list[str]) -> Path:
     """Fail before training if a needed dataset or tokenizer file is missing."""
     root = Path(data_dir)
-    hint = f"run `vlmoe prepare` first (or set data.dir)"
+    hint = "run `vlmoe prepare` first (or set data.dir)"
     if not root.is_dir():
         raise DataDirError(f"data directory '{root}' does not exist: {hint}")
     needed = [root / SUBSET_DIRS[s] for s in subsets] + [root / TEXT_TOKENIZER_FILE]

@@ -29,8 +29,8 @@ from vlmoe.train.schedule import lr_at
 class Task:
     """What a command trains: the model and its batches.
 
-    ``model(batch)`` returns a dict with "loss" and any scalar metrics to log.
-    ``extra_metrics(model)`` adds layer metrics (e.g. MoE load) at logging steps.
+    ``model(batch)`` returns a dict with "loss" and any scalar metrics to log (MoE layers'
+    aux losses and routing metrics are added by the trainer).
     ``exclude_frozen``: checkpoints leave out frozen parameters (they come from the base).
     ``export(model)`` runs on every rank after each committed checkpoint (e.g. adapter files).
     """
@@ -40,7 +40,6 @@ class Task:
     eval_batches: Optional[StepBatches]
     count_tokens: Callable[[dict], int]
     exclude_frozen: bool = False
-    extra_metrics: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None
     export: Optional[Callable[[torch.nn.Module], None]] = None
 
 
@@ -117,6 +116,14 @@ def _scalars(out: dict) -> dict[str, float]:
             if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))}
 
 
+def _forward(engine, batch: dict, info: DistInfo, moe: bool) -> dict:
+    out = engine(to_device(batch, info.device, _dtype(engine)))
+    if moe:  # the balancing terms of this micro-batch's routing
+        out["aux_loss"] = collect_aux_loss(engine.module)
+        out["loss"] = out["loss"] + out["aux_loss"]
+    return out
+
+
 @torch.no_grad()
 def evaluate(engine, batches: StepBatches, num_batches: int, info: DistInfo) -> dict[str, float]:
     """Mean of the model's scalar outputs over ``num_batches`` fixed validation batches."""
@@ -126,10 +133,7 @@ def evaluate(engine, batches: StepBatches, num_batches: int, info: DistInfo) -> 
     for i, batch in enumerate(iterate(batches, 0, 0)):
         if i == num_batches:
             break
-        out = engine(to_device(batch, info.device, _dtype(engine)))
-        if moe:
-            out["aux_loss"] = collect_aux_loss(engine.module)
-        for key, value in _scalars(out).items():
+        for key, value in _scalars(_forward(engine, batch, info, moe)).items():
             totals[key] = totals.get(key, 0.0) + value / num_batches
     if moe:  # routing at the evaluation capacity factor
         totals.update(collect_metrics(engine.module))
@@ -190,7 +194,6 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
     log = MetricsLog(run_dir, start_step, enabled=info.is_main)
     progress = _progress_bar(cfg, start_step, info)
     batches = iterate(task.train_batches, start_step * t.grad_accum, cfg.data.num_workers)
-    dtype = _dtype(engine)
     window_start, window_tokens = time.perf_counter(), 0
 
     for step in range(start_step, t.steps):
@@ -202,10 +205,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
             _seed_step(cfg.seed, step, micro, info.rank)
             batch = next(batches)
             window_tokens += task.count_tokens(batch)
-            out = engine(to_device(batch, info.device, dtype))
-            if moe:
-                out["aux_loss"] = collect_aux_loss(engine.module)
-                out["loss"] = out["loss"] + out["aux_loss"]
+            out = _forward(engine, batch, info, moe)
             engine.backward(out["loss"])
             engine.step()
             for key, value in _scalars(out).items():
@@ -215,8 +215,6 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
         if done % t.log_every == 0 or done == t.steps:
             if moe:
                 step_metrics.update(collect_metrics(engine.module))
-            if task.extra_metrics is not None:
-                step_metrics.update(task.extra_metrics(engine.module))
             elapsed = time.perf_counter() - window_start
             step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
             values = all_reduce_mean(step_metrics, info.device)
