@@ -39,7 +39,7 @@ def test_ep2_pretraining_loss_falls_and_logs_routing(moe_run):
     assert json.loads((moe_run / "model_config.json").read_text())["moe"]["ep_size"] == 2
 
 
-def test_resume_ep2_checkpoint_on_one_rank_with_ep1(moe_run, prepared_data, tmp_path):
+def test_resume_ep2_checkpoint_on_one_rank_with_ep1_and_back(moe_run, prepared_data, tmp_path):
     import shutil
     run_dir = tmp_path / "ep1"
     shutil.copytree(moe_run, run_dir)
@@ -52,6 +52,13 @@ def test_resume_ep2_checkpoint_on_one_rank_with_ep1(moe_run, prepared_data, tmp_
     assert sorted(records) == list(range(1, 11))
     assert records[9]["loss"] < records[1]["loss"]  # continues from trained weights, not from scratch
     assert committed_tag(run_dir / "checkpoints") == tag_for(10)
+
+    # and back: the EP=1 checkpoint resharded over 2 ranks
+    proc = run(deepspeed_cmd(2, "pretrain", "pretrain_tiny_moe", f"data.dir={prepared_data}", f"run_dir={run_dir}",
+                             *[a.replace("train.steps=8", "train.steps=12") for a in MOE_ARGS]), timeout=600)
+    assert "at step 10" in proc.stdout and "optimizer moments restart" in proc.stdout
+    records = {r["step"]: r for r in read_metrics(run_dir, "loss")}
+    assert sorted(records) == list(range(1, 13)) and records[11]["loss"] < records[1]["loss"]
 
 
 def test_smola_on_the_sparse_backbone_under_zero3(moe_run, prepared_data, tmp_path):
