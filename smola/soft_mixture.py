@@ -132,7 +132,7 @@ def add_soft_mixture(
     One block: phi [E, d_in], alpha scalar, w_in [E, r, d_in], w_out [E, d_out, r],
     token_mask [B, N] bool or None. G blocks: sequences of G such tensors (same E) and
     token_mask [B, N, G] bool or None. Matmuls run in x's dtype, softmaxes in fp32.
-    Returns frozen (updated in place by an autograd-aware baddbmm_).
+    Returns frozen updated in place when autograd records nothing, else a new tensor.
     """
     phis, alphas, w_ins, w_outs = _as_groups(phi), _as_groups(alpha), _as_groups(w_in), _as_groups(w_out)
     groups, experts = len(phis), phis[0].shape[0]
@@ -154,4 +154,9 @@ def add_soft_mixture(
         low = torch.einsum("bed,erd->ber", slots[:, g * experts:(g + 1) * experts], wi.to(dtype))
         outputs.append(torch.einsum("ber,eor->beo", low, wo.to(dtype)))
     expert_out = outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
+    if frozen.requires_grad or combine.requires_grad or expert_out.requires_grad:
+        # Out of place under autograd: frozen is usually a view of the linear's 2-D output, and
+        # an in-place op on a view makes the backward copy the whole [B, N, d_out] gradient
+        # three times (CopySlices).
+        return torch.baddbmm(frozen, combine, expert_out)
     return frozen.baddbmm_(combine, expert_out)
