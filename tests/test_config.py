@@ -83,3 +83,23 @@ def test_cli_rejects_fp16_on_cpu(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "'train.precision': fp16 is not supported by DeepSpeed's cpu accelerator" in proc.stderr
+
+
+def test_single_pass_batches_cover_every_row_once_across_ranks():
+    from vlmoe.data.loader import StepBatches
+    rows = list(range(23))
+    dataset = type("Rows", (), {"__len__": lambda self: len(rows),
+                                "__getitem__": lambda self, idx: {"x": [rows[i] for i in idx]}})()
+    seen = []
+    for rank in (0, 1):
+        batches = StepBatches({"image": dataset}, {"image": 4}, rank=rank, world_size=2, seed=0,
+                              load_example=lambda subset, row: {"x": row["x"]},
+                              collate=lambda examples, step, r: examples["image"])
+        assert len(batches) == 3  # ceil(23 / (4 * 2))
+        for i in range(len(batches)):
+            seen += [e["x"] for e in batches[i] if e["valid"]]
+    assert sorted(seen) == rows
+    shuffled = StepBatches({"image": dataset}, {"image": 4}, rank=0, world_size=2, seed=0, length=10,
+                           load_example=lambda subset, row: {"x": row["x"]},
+                           collate=lambda examples, step, r: examples["image"])
+    assert all(e["valid"] for i in range(10) for e in shuffled[i])

@@ -66,14 +66,19 @@ def test_zero3_smola_loss_falls_and_adapter_is_complete(prepared_data, base_run,
     from vlmoe.train.distributed import DistInfo
     from vlmoe.train.finetune import build_finetune_task, load_finetuned
     cfg = load_config("finetune_tiny_smola", finetune_args(prepared_data, base_run, smola_run)[2:])
-    per_rank = []
+    loss_sum, correct, seen = 0.0, 0.0, 0
     for rank in (0, 1):
         task = build_finetune_task(cfg, DistInfo(rank, 2, 0, torch.device("cpu")))
         model = load_finetuned(cfg, task.model.classifier.out_features)
-        with torch.no_grad():
-            per_rank.append(float(model(task.eval_batches[0])["loss"]))
-    logged = val[-1]["val/loss"]
-    assert abs(sum(per_rank) / 2 - logged) < 1e-4 * max(1.0, abs(logged)), (per_rank, logged)
+        for i in range(len(task.eval_batches)):
+            with torch.no_grad():
+                out = model(task.eval_batches[i])
+            n = int(out["num_examples"])
+            loss_sum, correct, seen = loss_sum + float(out["loss"]) * n, correct + float(out["accuracy"]) * n, seen + n
+    assert seen == 30  # the whole validation split, each image once
+    logged = val[-1]
+    assert abs(loss_sum / seen - logged["val/loss"]) < 1e-4 * max(1.0, abs(logged["val/loss"])), (loss_sum / seen, logged)
+    assert abs(correct / seen - logged["val/accuracy"]) < 1e-6
 
 
 def test_zero3_resume_after_kill_matches(prepared_data, base_run, smola_run, tmp_path):

@@ -68,28 +68,37 @@ class StepBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, datasets: dict, batch_sizes: dict[str, int], *, rank: int, world_size: int, seed: int,
-                 load_example: Callable, collate: Callable, length: int):
+                 load_example: Callable, collate: Callable, length: Optional[int] = None):
         self.datasets = {k: v for k, v in datasets.items() if batch_sizes.get(k, 0) > 0}
         self.batch_sizes = batch_sizes
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.load_example, self.collate, self.length = load_example, collate, length
+        self.load_example, self.collate = load_example, collate
         self._orders = {k: _EpochPermutations(len(ds), seed, k) for k, ds in self.datasets.items()}
+        # length None: one pass over the data in stored order, every example exactly once; the
+        # last batches are filled up with examples marked {"valid": False}
+        self.single_pass = length is None
+        self.length = length if length is not None else max(
+            -(-len(ds) // (self.batch_sizes[k] * world_size)) for k, ds in self.datasets.items())
 
     def __len__(self) -> int:
         return self.length
 
     def indices(self, subset: str, micro_step: int) -> list[int]:
+        """Dataset rows of this rank's micro-batch; -1 past the end of a single pass."""
         b = self.batch_sizes[subset]
         start = micro_step * b * self.world_size + self.rank * b
+        if self.single_pass:
+            size = len(self.datasets[subset])
+            return [p if p < size else -1 for p in range(start, start + b)]
         return [self._orders[subset](p) for p in range(start, start + b)]
 
     def __getitem__(self, micro_step: int) -> dict:
         examples = {}
         for subset, ds in self.datasets.items():
             idx = self.indices(subset, micro_step)
-            rows = ds[idx]  # one columnar read per subset
-            examples[subset] = [self.load_example(subset, {k: v[j] for k, v in rows.items()})
-                                for j in range(len(idx))]
+            rows = ds[[max(i, 0) for i in idx]]  # one columnar read per subset
+            examples[subset] = [{**self.load_example(subset, {k: v[j] for k, v in rows.items()}), "valid": i >= 0}
+                                for j, i in enumerate(idx)]
         return self.collate(examples, micro_step, self.rank)
 
 

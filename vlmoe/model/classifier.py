@@ -7,18 +7,23 @@ import torch
 from torch import nn
 
 from vlmoe.model.multiway import MultiwayTransformer
-from vlmoe.train.objectives import prediction_accuracy, prediction_loss
+from vlmoe.train.objectives import IGNORE_INDEX, prediction_accuracy, prediction_loss
 
 
 def _outputs(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"loss": prediction_loss(logits, labels), "accuracy": prediction_accuracy(logits, labels)}
+    """Loss and accuracy over the rows whose label is not IGNORE_INDEX (padding of the last
+    evaluation batch), and how many there were (evaluation weighs batches by it)."""
+    keep = labels != IGNORE_INDEX
+    logits, labels = logits[keep], labels[keep]
+    return {"loss": prediction_loss(logits, labels), "accuracy": prediction_accuracy(logits, labels),
+            "num_examples": keep.sum()}
 
 
 class ImageClassifier(nn.Module):
     """Average of the patch tokens' final states (VL-MoE / BEiT-3), LayerNorm, linear head.
 
     ``forward(batch)`` with batch {"pixels": Float[B,3,H,W], "labels": Long[B]} returns
-    {"loss", "accuracy"}.
+    {"loss", "accuracy", "num_examples"}.
     """
 
     def __init__(self, backbone: MultiwayTransformer, num_classes: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from vlmoe.model.config import ModelConfig
 from vlmoe.model.multiway import MultiwayTransformer
 from vlmoe.moe import MoEConfig, freeze_moe, moe_layers
 from vlmoe.moe.expert_checkpoint import load_experts
+from vlmoe.train.objectives import IGNORE_INDEX
 from vlmoe.train.checkpoint import EXPERTS_FILE, CheckpointError, load_module_weights
 from vlmoe.train.distributed import DistInfo
 from vlmoe.train.pretrain import MODEL_CONFIG_FILE, build_pretraining_model
@@ -199,15 +201,15 @@ def build_finetune_task(cfg: RunConfig, info: DistInfo) -> Task:
     def collate(examples: dict, step: int, rank: int) -> dict:
         rows = examples["image"]
         return {"pixels": torch.stack([r["pixels"] for r in rows]),
-                "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+                "labels": torch.tensor([r["label"] if r["valid"] else IGNORE_INDEX for r in rows], dtype=torch.long)}
 
-    def batches(split: str, length: int) -> StepBatches:
+    def batches(split: str, length: Optional[int]) -> StepBatches:
         return StepBatches({"image": splits[split]}, {"image": batch}, rank=info.rank, world_size=info.world_size,
                            seed=cfg.seed, load_example=load_example, collate=collate, length=length)
 
     run_dir = Path(cfg.run_dir)
     return Task(model=model, train_batches=batches("train", cfg.train.steps * cfg.train.grad_accum),
-                eval_batches=batches("validation", cfg.data.eval_batches),
+                eval_batches=batches("validation", None),  # accuracy over the whole split
                 count_tokens=lambda b: b["pixels"].shape[0] * tokens_per_image, exclude_frozen=True,
                 export=lambda module: export_adapter(module, run_dir / ADAPTER_DIR, info.is_main))
 

@@ -125,21 +125,25 @@ def _forward(engine, batch: dict, info: DistInfo, moe: bool) -> dict:
 
 
 @torch.no_grad()
-def evaluate(engine, batches: StepBatches, num_batches: int, info: DistInfo) -> dict[str, float]:
-    """Mean of the model's scalar outputs over ``num_batches`` fixed validation batches."""
+def evaluate(engine, batches: StepBatches, info: DistInfo) -> dict[str, float]:
+    """The model's scalar outputs over all of ``batches``, averaged over batches and ranks,
+    each batch weighted by its "num_examples" output where the model gives one."""
     engine.eval()
-    totals: dict[str, float] = {}
+    sums: dict[str, float] = {}
     moe = bool(moe_layers(engine.module))
-    for i, batch in enumerate(iterate(batches, 0, 0)):
-        if i == num_batches:
-            break
-        for key, value in _scalars(_forward(engine, batch, info, moe)).items():
-            totals[key] = totals.get(key, 0.0) + value / num_batches
+    for batch in iterate(batches, 0, 0):
+        out = _scalars(_forward(engine, batch, info, moe))
+        weight = out.pop("num_examples", 1.0)
+        for key, value in {**out, "num_examples": 1.0}.items():
+            sums[key] = sums.get(key, 0.0) + value * weight
+    totals = all_reduce_mean(sums, info.device)  # means of sums: the common factor cancels below
+    count = totals.pop("num_examples")
+    values = {k: v / count for k, v in totals.items()}
     if moe:  # routing at the evaluation capacity factor
-        totals.update(collect_metrics(engine.module))
+        values.update(all_reduce_mean(collect_metrics(engine.module), info.device))
     engine.train()
     _forget_zero3_trace(engine)
-    return {f"val/{k}": v for k, v in all_reduce_mean(totals, info.device).items()}
+    return {f"val/{k}": v for k, v in values.items()}
 
 
 def _ep_size(cfg: RunConfig) -> int:
@@ -224,7 +228,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
             progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
         if task.eval_batches is not None and (done % t.eval_every == 0 or done == t.steps):
-            log.log(done, evaluate(engine, task.eval_batches, cfg.data.eval_batches, info))
+            log.log(done, evaluate(engine, task.eval_batches, info))
         if done % t.save_every == 0 or done == t.steps:
             checkpoint.save(engine, ckpt_dir, done, {"step": done, **topology}, rank=info.rank,
                             world_size=info.world_size, zero_stage=zero_stage, keep=t.keep_checkpoints,
