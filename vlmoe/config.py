@@ -207,11 +207,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, recursively for nested mappings (neither is modified)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
@@ -237,7 +238,7 @@ def load_config(name: str, overrides: Optional[list[str]] = None) -> RunConfig:
             tree = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge_dicts(tree, parse_overrides(overrides or []))
     cfg = _from_dict(RunConfig, tree, "")
     validate(cfg)
     return cfg

@@ -11,6 +11,7 @@ Loads go through ``torch.load(weights_only=True)``: a checkpoint cannot run code
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from vlmoe.moe.deepspeed_bridge import load_experts_into_engine
 from vlmoe.moe.expert_checkpoint import save_experts
 
 POINTER = "last_good"
+STATE_FILE = "trainer_state.json"
 EXPERTS_FILE = "experts.safetensors"
 _TAG = re.compile(r"^step_(\d{8})$")
 
@@ -63,7 +65,8 @@ def _allow_deepspeed_globals() -> None:
 
 def _expected_shards(tag_dir: Path, world_size: int, zero_stage: int, experts: bool) -> list[str]:
     """Names of missing files, by DeepSpeed's naming (empty when the save is complete)."""
-    missing = [EXPERTS_FILE] if experts and not (tag_dir / EXPERTS_FILE).exists() else []
+    required = [STATE_FILE] + ([EXPERTS_FILE] if experts else [])
+    missing = [name for name in required if not (tag_dir / name).exists()]
     if not glob.glob(str(tag_dir / "*model_states.pt")):
         missing.append("*model_states.pt")
     if zero_stage > 0:
@@ -95,8 +98,8 @@ def save(engine: Any, root: Path, step: int, state: dict, *, rank: int, world_si
          keep: int, exclude_frozen: bool = False, experts: bool = False) -> Path:
     """Save a checkpoint for ``step`` on every rank and commit it. Collective: all ranks call.
 
-    ``state`` is the trainer's own state (JSON-like, small); it travels in DeepSpeed's
-    client_state. ``experts``: the model has MoE layers, whose experts go to one
+    ``state`` is the trainer's own state (JSON-able, small: step, world and EP size); rank 0
+    writes it to ``trainer_state.json`` in the tag directory. ``experts``: the model has MoE layers, whose experts go to one
     EP-size-independent file (``experts.safetensors``). Returns the committed tag directory.
     """
     from vlmoe.train.distributed import barrier
@@ -106,8 +109,9 @@ def save(engine: Any, root: Path, step: int, state: dict, *, rank: int, world_si
     if rank == 0 and tag_dir.exists():  # a torn earlier attempt at this very step
         shutil.rmtree(tag_dir)
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"vlmoe": state}, save_latest=False,
-                           exclude_frozen_parameters=exclude_frozen)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=exclude_frozen)
+    if rank == 0:
+        (tag_dir / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
     if experts:
         save_experts(engine.module, tag_dir / EXPERTS_FILE)
     (tag_dir / f".rank{rank}.done").touch()
@@ -156,28 +160,21 @@ def load(engine: Any, root: Path, tag: str, *, strict: bool = True, topology: Op
     and EP size) differs from the saved one, ZeRO's partitioned optimizer state cannot be
     mapped and is not loaded: weights resume exactly, Adam moments restart (a warning says so).
     """
-    saved = _saved_state(root / tag)
+    state_file = root / tag / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} is missing: {root / tag} is not a committed vlmoe checkpoint")
+    saved = json.loads(state_file.read_text(encoding="utf-8"))
     same_topology = topology is None or all(saved.get(k, v) == v for k, v in topology.items())
     if not same_topology:
         print(f"warning: {root / tag} was saved with {({k: saved.get(k) for k in topology})}, this run has "
               f"{topology}: loading weights only; optimizer moments restart", flush=True)
-    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=strict,
-                                                load_optimizer_states=same_topology,
-                                                load_lr_scheduler_states=same_topology)
-    if path is None or client_state is None or "vlmoe" not in client_state:
+    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=strict,
+                                     load_optimizer_states=same_topology, load_lr_scheduler_states=same_topology)
+    if path is None:
         raise CheckpointError(f"could not load checkpoint {root / tag}")
     if experts:
         load_experts_into_engine(engine, str(root / tag / EXPERTS_FILE))
-    return client_state["vlmoe"]
-
-
-def _saved_state(tag_dir: Path) -> dict:
-    """The trainer state stored beside the weights (read before the engine loads)."""
-    files = sorted(glob.glob(str(tag_dir / "*model_states.pt")))
-    if not files:
-        raise CheckpointError(f"no model_states.pt in {tag_dir}")
-    _allow_deepspeed_globals()
-    return torch.load(files[0], map_location="cpu", weights_only=True).get("vlmoe", {})
+    return saved
 
 
 def load_module_weights(module: torch.nn.Module, checkpoint_dir: str | os.PathLike, strict: bool = True) -> Path:

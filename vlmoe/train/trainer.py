@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vlmoe.config import ConfigError, RunConfig, dump_config, moe_config
+from vlmoe.config import ConfigError, RunConfig, dump_config, merge_dicts, moe_config
 from vlmoe.data.loader import StepBatches, iterate, to_device
 from vlmoe.moe import collect_aux_loss, collect_metrics, moe_layers
 from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
@@ -68,8 +68,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     if cfg.ds_config:
-        ds = _merge(ds, _read_ds_file(cfg.ds_config))
-    return _merge(ds, cfg.deepspeed)
+        ds = merge_dicts(ds, _read_ds_file(cfg.ds_config))
+    return merge_dicts(ds, cfg.deepspeed)
 
 
 def _read_ds_file(name: str) -> dict:
@@ -82,13 +82,6 @@ def _read_ds_file(name: str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config key 'ds_config': '{path}' is not valid JSON: {exc}") from exc
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
