@@ -68,6 +68,68 @@ def test_gradients_match_reference():
     assert layer.router.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_tiled_experts_match_one_batched_matmul(monkeypatch, frozen):
+    """CPU tiles (here 2-3 experts each) that skip each tile's empty rows give the outputs on used
+    rows and every gradient of the plain batched FFN over whole buffers."""
+    from vlmoe.moe import experts as experts_module
+
+    torch.manual_seed(0)
+    pool = experts_module.Experts(8, 16, num_local=5, seed=3)
+    with torch.no_grad():
+        pool.b_in.normal_()
+        pool.b_out.normal_()
+    pool.requires_grad_(not frozen)
+    rows_used = torch.tensor([6, 0, 3, 8, 1])
+    buffers = torch.randn(5, 8, 8) * (torch.arange(8) < rows_used[:, None]).unsqueeze(-1)
+    buffers.requires_grad_(True)
+    used = (torch.arange(8) < rows_used[:, None]).unsqueeze(-1)
+    upstream = torch.randn(5, 8, 8) * used  # combine sends nothing back to empty rows
+
+    plain = torch.baddbmm(pool.b_out, F.gelu(torch.baddbmm(pool.b_in, buffers, pool.w_in)), pool.w_out)
+    params = [buffers] + ([] if frozen else [pool.w_in, pool.b_in, pool.w_out, pool.b_out])
+    expected = torch.autograd.grad(plain, params, upstream)
+    for tile in (2, 3):
+        monkeypatch.setattr(experts_module, "CPU_TILE_BYTES", tile * 8 * 16 * 4)
+        out = pool(buffers, rows_used)
+        torch.testing.assert_close(out * used, plain * used, rtol=1e-5, atol=1e-6)
+        for start in range(0, 5, tile):  # rows after a tile's last used row are not computed
+            assert not out[start:start + tile, rows_used[start:start + tile].max():].any()
+        got = torch.autograd.grad(out, params, upstream)
+        for name, a, b in zip(["buffers", "w_in", "b_in", "w_out", "b_out"], got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_expert_weight_gradients_reuse_memory_only_when_nobody_holds_it():
+    from vlmoe.moe.experts import Experts
+
+    torch.manual_seed(0)
+    pool = Experts(8, 16, num_local=3, seed=1)
+    inputs = [torch.randn(3, 4, 8) for _ in range(3)]
+
+    def expected_grad(x):
+        out = torch.baddbmm(pool.b_out, F.gelu(torch.baddbmm(pool.b_in, x, pool.w_in)), pool.w_out)
+        return torch.autograd.grad(out.square().sum(), pool.w_in)[0]
+
+    pool(inputs[0]).square().sum().backward()
+    first_grad = pool.w_in.grad
+    held = first_grad.clone()
+    pool(inputs[1]).square().sum().backward()  # .grad still held: accumulate, never overwrite it
+    torch.testing.assert_close(pool.w_in.grad, expected_grad(inputs[0]) + expected_grad(inputs[1]))
+    assert pool.w_in.grad is first_grad
+    kept = pool.w_in.grad
+    pool.zero_grad(set_to_none=True)
+    pool(inputs[2]).square().sum().backward()  # `kept` still refers to the old memory: a fresh block
+    torch.testing.assert_close(kept, held + expected_grad(inputs[1]))
+    torch.testing.assert_close(pool.w_in.grad, expected_grad(inputs[2]))
+    del kept, first_grad
+    reused = pool.w_in.grad.data_ptr()
+    pool.zero_grad(set_to_none=True)
+    pool(inputs[0]).square().sum().backward()  # nobody holds it now: the same memory again
+    assert pool.w_in.grad.data_ptr() == reused
+    torch.testing.assert_close(pool.w_in.grad, expected_grad(inputs[0]))
+
+
 def test_padding_takes_no_capacity_and_gets_zero_output():
     torch.manual_seed(2)
     layer = MoE(8, 16, 4, min_capacity=0).eval()

@@ -14,7 +14,7 @@ import torch
 
 from vlmoe.moe.router import Routing
 
-ALIGN = 8
+ALIGN = 4
 
 
 class _GatherRows(torch.autograd.Function):
@@ -46,11 +46,13 @@ class DispatchPlan:
     slot_of_choice: [S, k] flat buffer row of each choice, E * C_buf where dropped.
     choice_of_slot: [E * C_buf, 1] the choice (s * k + j) filling each row, S * k where empty.
     token_of_slot: [E * C_buf] the token filling each row, S where empty.
+    rows_used: [E] how many leading rows of each expert's buffer hold a token (rows fill in order).
     """
 
     slot_of_choice: torch.Tensor
     choice_of_slot: torch.Tensor
     token_of_slot: torch.Tensor
+    rows_used: torch.Tensor
     num_experts: int
     buffer_capacity: int
 
@@ -69,7 +71,9 @@ def plan_dispatch(routing: Routing, num_experts: int) -> DispatchPlan:
     choice_of_slot = choice_of_slot[:rows]
     token_of_slot = torch.where(choice_of_slot < num_tokens * k, choice_of_slot // k,
                                 torch.full_like(choice_of_slot, num_tokens))
-    return DispatchPlan(slot_of_choice, choice_of_slot.unsqueeze(1), token_of_slot, num_experts, buffer_capacity)
+    rows_used = torch.bincount(routing.expert[routing.kept], minlength=num_experts)
+    return DispatchPlan(slot_of_choice, choice_of_slot.unsqueeze(1), token_of_slot, rows_used, num_experts,
+                        buffer_capacity)
 
 
 def dispatch(tokens: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -100,7 +100,7 @@ class MoE(nn.Module):
         plan = plan_dispatch(routing, self.num_experts)
         buffers = dispatch(tokens, plan)
         if self.ep_group is None:
-            expert_out = self.experts(buffers)
+            expert_out = self.experts(buffers, plan.rows_used)
         else:
             expert_out = run_expert_parallel(buffers, self.experts, self.ep_group)
         out = combine(expert_out, plan, routing.weight)
