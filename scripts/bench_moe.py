@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--cf", type=float, default=1.05)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sweep", default="8,32,128", help="expert counts for our layer's flatness check ('' = none)")
+    parser.add_argument("--sweep", default="8,32,128",
+                        help="expert counts for the flatness check, a second interleaved group ('' = none)")
     parser.add_argument("--no-deepspeed", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,22 +114,38 @@ def main() -> None:
     tutel = _tutel(args.d, args.d_ff, args.experts, args.cf)
     if tutel is not None:
         steps[f"tutel E={args.experts}"] = tutel
-    for experts in (int(e) for e in args.sweep.split(",") if e):
-        if experts != args.experts:
+    print(f"S={args.tokens} d={args.d} d_ff={args.d_ff} cf={args.cf} top-1, fwd+bwd, {args.threads} threads, "
+          f"median of {args.rounds} interleaved rounds{'' if tutel else ' (tutel not installed)'}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+    _report(_measure(steps, x, args.rounds))
+    sweep = [int(e) for e in args.sweep.split(",") if e]
+    if sweep:
+        # A separate interleaved group: the largest pools' gigabytes of weights would otherwise
+        # disturb the cache and allocator state of the main comparison.
+        steps = {"dense": steps["dense"]}
+        for experts in sweep:
             steps[f"ours E={experts}"] = _ours(args.d, args.d_ff, experts, args.cf)
+            if not args.no_deepspeed:
+                steps[f"deepspeed E={experts}"] = _deepspeed(args.d, args.d_ff, experts, args.cf)
+        print("sweep over the number of experts (the weights to read and their gradients to write grow with E)")
+        _report(_measure(steps, x, args.rounds))
+
+
+def _measure(steps: dict[str, Step], x: torch.Tensor, rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():  # warm-up
         step(x)
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, step in steps.items():  # interleaved, so load on the machine hits all alike
             times[name].append(step(x))
+    return times
+
+
+def _report(times: dict[str, list[float]]) -> None:
     dense = statistics.median(times["dense"])
-    print(f"S={args.tokens} d={args.d} d_ff={args.d_ff} cf={args.cf} top-1, fwd+bwd, {args.threads} threads, "
-          f"median of {args.rounds} interleaved rounds{'' if tutel else ' (tutel not installed)'}")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:18s} {median * 1000:9.1f} ms   {median / dense:5.2f}x dense")
-
 
 if __name__ == "__main__":
     main()
