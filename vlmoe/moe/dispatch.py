@@ -18,25 +18,33 @@ ALIGN = 4
 
 
 class _GatherRows(torch.autograd.Function):
-    """out = [src; 0][index]; grad_src = sum_r [grad; 0][inverse[:, r]] (inverse lists each src row's uses)."""
+    """out = src[index] (zero where index = len(src)); grad_src = sum_r grad[inverse[:, r]] (inverse lists each src row's uses)."""
 
     @staticmethod
     def forward(ctx, src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return _padded(src).index_select(0, index)
+        return _gather(src, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        picked = _padded(grad.contiguous()).index_select(0, inverse.reshape(-1))
+        picked = _gather(grad.contiguous(), inverse.reshape(-1))
         if inverse.shape[1] > 1:
             picked = picked.view(*inverse.shape, grad.shape[-1]).sum(dim=1)
         return picked, None, None
 
 
-def _padded(rows: torch.Tensor) -> torch.Tensor:
-    """[N, d] -> [N + 1, d] with a zero last row (the target of 'nothing here' indices)."""
-    return torch.cat([rows, rows.new_zeros(1, rows.shape[1])], dim=0)
+def _gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows [N, d] picked by index [M] -> [M, d], with zero rows where index = N ('nothing here').
+
+    Zeroing in place after the gather, rather than gathering from a copy of `rows` with a zero
+    row appended, saves a copy of the whole input in each direction.
+    """
+    num_rows = rows.shape[0]
+    if num_rows == 0:
+        return rows.new_zeros(index.shape[0], rows.shape[1])
+    picked = rows.index_select(0, index.clamp(max=num_rows - 1))
+    return picked.masked_fill_((index == num_rows).unsqueeze(1), 0)
 
 
 @dataclass(frozen=True)
