@@ -18,7 +18,10 @@ ALIGN = 4
 
 
 class _GatherRows(torch.autograd.Function):
-    """out = src[index] (zero where index = len(src)); grad_src = sum_r grad[inverse[:, r]] (inverse lists each src row's uses)."""
+    """out = src[index] (zero where index = len(src)); grad_src = sum_r grad[inverse[:, r]].
+
+    inverse lists, for each src row, the rows of out that hold it.
+    """
 
     @staticmethod
     def forward(ctx, src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
