@@ -41,9 +41,9 @@ class _ExpertFFN(torch.autograd.Function):
     """out = GELU(x @ w_in + b_in) @ w_out + b_out per expert, tile by tile.
 
     Each tile computes only its first `rows` rows; the rows after them are empty in every expert
-    of the tile, so their output is set to zero and they add nothing to any gradient. Saves only the pre-activation
-    (GELU is recomputed in backward, one tile at a time), which halves the activation memory of
-    the experts, and skips the weight gradients of frozen experts.
+    of the tile, so their output is set to zero and they add nothing to any gradient. Saves
+    only the pre-activation (GELU is recomputed in backward, one tile at a time), which halves
+    the activation memory of the experts, and skips the weight gradients of frozen experts.
     """
 
     @staticmethod
