@@ -147,5 +147,6 @@ def _report(times: dict[str, list[float]]) -> None:
         median = statistics.median(values)
         print(f"  {name:18s} {median * 1000:9.1f} ms   {median / dense:5.2f}x dense")
 
+
 if __name__ == "__main__":
     main()

@@ -82,7 +82,9 @@ def plan_dispatch(routing: Routing, num_experts: int) -> DispatchPlan:
     choice_of_slot = choice_of_slot[:rows]
     token_of_slot = torch.where(choice_of_slot < num_tokens * k, choice_of_slot // k,
                                 torch.full_like(choice_of_slot, num_tokens))
-    rows_used = torch.bincount(routing.expert[routing.kept], minlength=num_experts)
+    # A scatter, not a bincount of the kept choices: boolean indexing would sync the device.
+    rows_used = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(
+        0, routing.expert.reshape(-1), routing.kept.reshape(-1).long())
     return DispatchPlan(slot_of_choice, choice_of_slot.unsqueeze(1), token_of_slot, rows_used, num_experts,
                         buffer_capacity)
 
