@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from vlmoe.model.init import init_linears_
 from vlmoe.model.multiway import MultiwayTransformer
 from vlmoe.train.objectives import IGNORE_INDEX, prediction_accuracy, prediction_loss
 
@@ -32,8 +33,7 @@ class ImageClassifier(nn.Module):
         dim = backbone.cfg.dim
         self.pool_norm = nn.LayerNorm(dim, eps=backbone.cfg.layer_norm_eps)
         self.classifier = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.classifier.weight, std=backbone.cfg.init_std)
-        nn.init.zeros_(self.classifier.bias)
+        init_linears_(self.classifier, std=backbone.cfg.init_std)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         out = self.backbone(pixels=batch["pixels"])

@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmoe.model.init import init_linears_, trunc_normal_
+from vlmoe.zero3 import full_shape
+
 
 class MLMHead(nn.Module):
     """hidden [N, D] -> vocabulary logits [N, V]; the weight may be the word-embedding table (tied)."""
@@ -16,9 +19,9 @@ class MLMHead(nn.Module):
         super().__init__()
         if tied_weight is None:
             tied_weight = nn.Parameter(torch.empty(vocab_size, dim))
-            nn.init.trunc_normal_(tied_weight, std=init_std, a=-2 * init_std, b=2 * init_std)
-        elif tuple(tied_weight.shape) != (vocab_size, dim):
-            raise ValueError(f"tied MLM weight must be [{vocab_size}, {dim}], got {tuple(tied_weight.shape)}")
+            trunc_normal_(tied_weight, init_std)
+        elif full_shape(tied_weight) != (vocab_size, dim):
+            raise ValueError(f"tied MLM weight must be [{vocab_size}, {dim}], got {full_shape(tied_weight)}")
         self.weight = tied_weight
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
@@ -32,8 +35,7 @@ class MIMHead(nn.Module):
     def __init__(self, dim: int, codebook_size: int, init_std: float = 0.02) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, codebook_size)
-        nn.init.trunc_normal_(self.proj.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
-        nn.init.zeros_(self.proj.bias)
+        init_linears_(self.proj, std=init_std)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden)

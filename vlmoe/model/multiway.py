@@ -18,15 +18,13 @@ from torch.utils.checkpoint import checkpoint
 from smola.context import token_masks
 from vlmoe.model.config import ModelConfig
 from vlmoe.model.embeddings import MultiwayEmbeddings
+from vlmoe.model.init import init_linears_, trunc_normal_
+from vlmoe.zero3 import full_parameters
 
 FfnFactory = Callable[[int, str], nn.Module]
 """(block_index, modality in {"v", "t", "vl"}) -> module called as ffn(x [B, n, D], token_mask [B, n] | None)."""
 
 MODALITIES = ("v", "t", "vl")
-
-
-def _trunc_normal_(tensor: torch.Tensor, std: float) -> None:
-    nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
 
 
 class FeedForward(nn.Module):
@@ -38,9 +36,7 @@ class FeedForward(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(ffn_dim, dim)
         self.dropout = nn.Dropout(dropout)
-        for linear in (self.fc1, self.fc2):
-            _trunc_normal_(linear.weight, init_std)
-            nn.init.zeros_(linear.bias)
+        init_linears_(self.fc1, self.fc2, std=init_std)
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, n, D] -> [B, n, D]; token_mask is ignored (a dense FFN treats every token alike)."""
@@ -80,10 +76,7 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
         self.out_dropout = nn.Dropout(dropout)
-        for linear in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            _trunc_normal_(linear.weight, init_std)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        init_linears_(self.q_proj, self.k_proj, self.v_proj, self.out_proj, std=init_std)
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, L, D], valid [B, L] bool (True = real key) or None -> [B, L, D]."""
@@ -209,16 +202,19 @@ class MultiwayTransformer(nn.Module):
         1/0, then attention-output and FFN-output weights of block i scaled by 1/sqrt(2(i+1))."""
         std = self.cfg.init_std
         emb = self.embeddings
-        for param in (emb.image.cls_token, emb.image.mask_token, emb.image.positions, emb.image.patch_proj.weight,
-                      emb.text.tokens.weight, emb.text.positions, emb.modality_type.weight):
-            _trunc_normal_(param, std)
-        nn.init.zeros_(emb.image.patch_proj.bias)
+        with full_parameters(emb):  # built under deepspeed.zero.Init, they are partitioned by now
+            for param in (emb.image.cls_token, emb.image.mask_token, emb.image.positions,
+                          emb.image.patch_proj.weight, emb.text.tokens.weight, emb.text.positions,
+                          emb.modality_type.weight):
+                trunc_normal_(param, std)
+            nn.init.zeros_(emb.image.patch_proj.bias)
         for block in self.blocks:
             factor = 1.0 / math.sqrt(2.0 * (block.index + 1))
-            block.attn.out_proj.weight.mul_(factor)
-            for ffn in block.ffns():
-                if hasattr(ffn, "rescale_output_"):
-                    ffn.rescale_output_(factor)
+            with full_parameters(block.attn.out_proj, *block.ffns()):
+                block.attn.out_proj.weight.mul_(factor)
+                for ffn in block.ffns():
+                    if hasattr(ffn, "rescale_output_"):
+                        ffn.rescale_output_(factor)
 
     def _layout(self, n_image: int, n_text: int, batch: int, text_pad_mask: Optional[torch.Tensor],
                 device: torch.device) -> TokenLayout:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vlmoe.moe.layer import MoE
+from vlmoe.zero3 import full_parameters, full_shape
 
 EXPERT_PARAMS = ("w_in", "b_in", "w_out", "b_out")
 
@@ -34,14 +35,15 @@ def global_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """{"<layer>.experts.<param>": [E, ...]} on CPU for every MoE layer; a collective under EP."""
     state = {}
     for name, layer in _named_moe_layers(model):
-        for param_name in EXPERT_PARAMS:
-            local = getattr(layer.experts, param_name).detach()
-            if layer.ep_group is not None:
-                parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
-                dist.all_gather(parts, local.contiguous(), group=layer.ep_group)
-                local = torch.cat(parts, dim=0)
-            # clone: on CPU without EP, .cpu() would alias the live parameter
-            state[f"{name}.experts.{param_name}" if name else f"experts.{param_name}"] = local.cpu().clone()
+        with full_parameters(layer.experts):  # ZeRO-3 partitions them between forward passes
+            for param_name in EXPERT_PARAMS:
+                local = getattr(layer.experts, param_name).detach()
+                if layer.ep_group is not None:
+                    parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
+                    dist.all_gather(parts, local.contiguous(), group=layer.ep_group)
+                    local = torch.cat(parts, dim=0)
+                # clone: on CPU without EP, .cpu() would alias the live parameter
+                state[f"{name}.experts.{param_name}" if name else f"experts.{param_name}"] = local.cpu().clone()
     return state
 
 
@@ -51,16 +53,18 @@ def load_global_expert_state(model: nn.Module, state: dict[str, torch.Tensor], s
     different expert count / shape are errors naming `source` and the key."""
     for name, layer in _named_moe_layers(model):
         experts = layer.experts
+        pool = {}
         for param_name in EXPERT_PARAMS:
             key = f"{name}.experts.{param_name}" if name else f"experts.{param_name}"
             if key not in state:
                 raise KeyError(f"{source}: no expert weights {key!r}")
-            full = state[key]
-            param = getattr(experts, param_name)
-            expected = (layer.num_experts,) + tuple(param.shape[1:])
-            if tuple(full.shape) != expected:
-                raise ValueError(f"{source}: {key!r} has shape {tuple(full.shape)}, the model expects {expected}")
-            param.copy_(full[experts.first_expert:experts.first_expert + experts.num_local])
+            expected = (layer.num_experts,) + full_shape(getattr(experts, param_name))[1:]
+            if tuple(state[key].shape) != expected:
+                raise ValueError(f"{source}: {key!r} has shape {tuple(state[key].shape)}, the model expects {expected}")
+            pool[param_name] = state[key][experts.first_expert:experts.first_expert + experts.num_local]
+        with full_parameters(experts):  # built under ZeRO-3, they are partitioned
+            for param_name, values in pool.items():
+                getattr(experts, param_name).copy_(values)
 
 
 def save_experts(model: nn.Module, path: Union[str, Path]) -> None:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmoe.model.init import init_linears_
 from vlmoe.moe.dispatch import combine, dispatch, plan_dispatch
 from vlmoe.moe.experts import Experts
 from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE, RouterTensors, aux_loss_terms, weighted_aux_loss
@@ -61,7 +62,7 @@ class MoE(nn.Module):
         self.ep_group, self.ep_size = ep_group, ep_size
         self.metric_prefix = metric_prefix
         self.router = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.trunc_normal_(self.router.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+        init_linears_(self.router, std=init_std)
         num_local = num_experts // ep_size
         self.experts = Experts(d_model, d_ff, num_local, first_expert=ep_rank * num_local, init_std=init_std,
                                seed=seed)
