@@ -19,6 +19,7 @@ setup(
         "torch>=2.1",
         "deepspeed>=0.14",
         "transformers>=4.40",
+        "accelerate>=0.26",  # transformers builds its models partitioned under ZeRO-3 only with it
         "datasets>=2.18",
         "sentencepiece>=0.1.99",
         "pyyaml>=6",

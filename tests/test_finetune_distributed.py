@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -19,6 +20,13 @@ STEPS = 12
 FT_OVERRIDES = [o for o in TEST_OVERRIDES if not o.startswith("data.")] + [
     "data.image_batch=16", "data.eval_batches=1", "train.lr=5e-3", "train.save_every=4", "train.eval_every=4",
     f"train.steps={STEPS}", "finetune.smola.num_experts=8"]
+
+
+def held_share(stdout: str) -> float:
+    """The percentage of the base that rank 0 held after building it, as fine-tuning reports it."""
+    match = re.search(r"rank 0 holds ([0-9.]+)% of the base", stdout)
+    assert match, stdout[-2000:]
+    return float(match.group(1))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -104,6 +112,7 @@ def test_lora_specialist_on_the_smola_generalist(prepared_data, base_run, smola_
     proc = run(deepspeed_cmd(2, *finetune_args(prepared_data, base_run, run_dir, "finetune.method=lora",
                                                f"finetune.generalist={smola_run}", "train.steps=4")), timeout=600)
     assert "finetune lora" in proc.stdout
+    assert held_share(proc.stdout) < 60.0  # the base was built partitioned (zero.Init), never whole
     stack = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["stack"]
     assert [s["method"] for s in stack] == ["smola", "lora"]
     from safetensors.torch import load_file
@@ -115,15 +124,18 @@ def test_lora_specialist_on_the_smola_generalist(prepared_data, base_run, smola_
     assert any("lora" in n for n in specialist)
 
 
-def test_hugging_face_vit_from_config_with_smola(prepared_data, tmp_path):
-    from transformers import ViTConfig
-    config_dir = tmp_path / "vit"
-    ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=128).save_pretrained(str(config_dir))
+def test_pretrained_hugging_face_vit_with_a_new_head_and_smola(prepared_data, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+    vit_dir = tmp_path / "vit"  # pretrained weights with a 3-class head; the task has more classes
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=128, num_labels=3)
+                              ).save_pretrained(str(vit_dir))
     run_dir = tmp_path / "hf"
-    run(deepspeed_cmd(2, "finetune", "finetune_tiny_smola", f"data.dir={prepared_data}", f"run_dir={run_dir}",
-                      f"finetune.hf_model={config_dir / 'config.json'}", "finetune.base_run=null", "finetune.smola.mode=mm",
-                      *[o for o in FT_OVERRIDES if not o.startswith("train.steps")], "train.steps=8"), timeout=600)
+    proc = run(deepspeed_cmd(2, "finetune", "finetune_tiny_smola", f"data.dir={prepared_data}", f"run_dir={run_dir}",
+                             f"finetune.hf_model={vit_dir}", "finetune.base_run=null", "finetune.smola.mode=mm",
+                             *[o for o in FT_OVERRIDES if not o.startswith("train.steps")], "train.steps=8"),
+               timeout=600)
+    assert held_share(proc.stdout) < 60.0  # transformers built it partitioned under our ZeRO-3 config
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 9)) and all(v == v for v in curve.values())
     assert curve[8] < curve[1]

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from vlmoe import zero3
 from vlmoe.moe.deepspeed_bridge import load_experts_into_engine
 from vlmoe.moe.expert_checkpoint import save_experts
 
@@ -181,7 +182,8 @@ def load_module_weights(module: torch.nn.Module, checkpoint_dir: str | os.PathLi
     """Load the model weights of a committed run checkpoint into a bare module (no engine).
 
     ``checkpoint_dir`` is a run's ``checkpoints/`` directory (the committed tag is used) or a
-    tag directory. Returns the tag directory read (experts, if any, are beside it).
+    tag directory. Parameters partitioned by ZeRO-3 are filled too. Returns the tag directory
+    read (experts, if any, are beside it).
     """
     path = Path(checkpoint_dir)
     if (path / POINTER).exists():
@@ -190,6 +192,7 @@ def load_module_weights(module: torch.nn.Module, checkpoint_dir: str | os.PathLi
     if not files:
         raise CheckpointError(f"no model_states.pt in {path}: not a vlmoe checkpoint")
     _allow_deepspeed_globals()
-    state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
-    module.load_state_dict(state, strict=strict)
+    # mmap: every rank of a job reads the same file; the page cache holds it once
+    state = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)["module"]
+    zero3.load_state_dict(module, state, strict=strict, source=files[0])
     return path

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import smola
+from vlmoe import zero3
 from vlmoe.config import ConfigError, RunConfig
 from vlmoe.data.images import image_to_tensor
 from vlmoe.data.loader import SUBSET_DIRS, DataDirError, StepBatches, check_data_dir
@@ -55,18 +56,51 @@ def load_pretrained_backbone(run_dir: str | Path) -> MultiwayTransformer:
     return pretrained.backbone
 
 
-def load_hf_classifier(path: str, num_classes: int) -> nn.Module:
-    """A transformers image classifier: pretrained from a local directory, or random from a config.json."""
+def load_hf_classifier(path: str, num_classes: int, ds_config: Optional[dict] = None) -> nn.Module:
+    """A transformers image classifier: pretrained from a local directory (a head of another size
+    starts fresh), or random from a config.json.
+
+    Under ZeRO-3 (per ``ds_config``) transformers builds it partitioned, initialises it on
+    gathered weights and loads pretrained weights one module at a time.
+    """
     from transformers import AutoConfig, AutoModelForImageClassification
 
     source = Path(path)
     if not source.exists():
         raise ConfigError(f"config key 'finetune.hf_model': '{source}' does not exist")
-    if source.is_file() or not any(source.glob("*.safetensors")) and not any(source.glob("*.bin")):
-        config = AutoConfig.from_pretrained(str(source), num_labels=num_classes)
-        return AutoModelForImageClassification.from_config(config)
-    return AutoModelForImageClassification.from_pretrained(str(source), num_labels=num_classes,
-                                                          ignore_mismatched_sizes=True)
+    config = AutoConfig.from_pretrained(str(source), num_labels=num_classes)
+    weights = [] if source.is_file() else sorted(source.glob("*.safetensors"))
+    if not weights and (source.is_file() or not any(source.glob("*.bin"))):
+        with zero3.partitioned_construction(ds_config):
+            return AutoModelForImageClassification.from_config(config)
+    state = _without_mismatched_head(weights, config) if weights else None
+    if state is None:
+        with zero3.partitioned_construction(ds_config):
+            return AutoModelForImageClassification.from_pretrained(str(source), config=config)
+    model_class = AutoModelForImageClassification._model_mapping[type(config)]
+    with zero3.partitioned_construction(ds_config):
+        return model_class.from_pretrained(None, config=config, state_dict=state)
+
+
+def _without_mismatched_head(weights: list[Path], config) -> Optional[dict[str, torch.Tensor]]:
+    """The pretrained tensors without those whose shape our model does not have (a head for
+    another number of classes), or None if all fit. transformers' ZeRO-3 loading assumes an
+    exact fit and ignores ignore_mismatched_sizes, so the head is left out here, for every stage."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageClassification
+
+    with torch.device("meta"):  # shapes only (outside zero.Init, which would partition it)
+        shapes = {k: tuple(v.shape) for k, v in AutoModelForImageClassification.from_config(config).state_dict().items()}
+    mismatched = []
+    for file in weights:
+        with safe_open(str(file), "pt") as f:
+            mismatched += [k for k in f.keys() if k in shapes and tuple(f.get_slice(k).get_shape()) != shapes[k]]
+    if not mismatched:
+        return None
+    from safetensors.torch import load_file
+
+    state = {k: v for file in weights for k, v in load_file(str(file)).items() if k not in mismatched}
+    return state
 
 
 def adapter_config(cfg: RunConfig):
@@ -88,17 +122,18 @@ def _head(model: nn.Module) -> list[nn.Module]:
     return [model.model.classifier]
 
 
-def build_classifier(cfg: RunConfig, num_classes: int) -> tuple[nn.Module, int, int]:
-    """(task model, image size, tokens per image)."""
+def build_classifier(cfg: RunConfig, num_classes: int, ds_config: Optional[dict] = None) -> tuple[nn.Module, int, int]:
+    """(task model, image size, tokens per image); under ZeRO-3 (per ``ds_config``) built partitioned."""
     f = cfg.finetune
+    if f.hf_model is None and f.base_run is None:
+        raise ConfigError("config section 'finetune': set base_run (a vlmoe pretraining run) or hf_model")
     if f.hf_model is not None:
-        hf = load_hf_classifier(f.hf_model, num_classes)
+        hf = load_hf_classifier(f.hf_model, num_classes, ds_config)
         size, patch = int(hf.config.image_size), int(getattr(hf.config, "patch_size", hf.config.image_size))
         return HFImageClassifier(hf), size, (size // patch) ** 2 + 1
-    if f.base_run is None:
-        raise ConfigError("config section 'finetune': set base_run (a vlmoe pretraining run) or hf_model")
-    backbone = load_pretrained_backbone(f.base_run)
-    return ImageClassifier(backbone, num_classes), backbone.cfg.image_size, backbone.cfg.num_patches + 1
+    with zero3.partitioned_construction(ds_config):
+        backbone = load_pretrained_backbone(f.base_run)
+        return ImageClassifier(backbone, num_classes), backbone.cfg.image_size, backbone.cfg.num_patches + 1
 
 
 def adapter_target(model: nn.Module) -> nn.Module:
@@ -131,7 +166,8 @@ def _load_head(model: nn.Module, adapter_dir: Path) -> None:
 
     state = load_file(str(adapter_dir / HEAD_FILE))
     for i, module in enumerate(_head(model)):
-        module.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}.")})
+        zero3.load_state_dict(module, {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}.")},
+                              source=str(adapter_dir / HEAD_FILE))
 
 
 def export_adapter(model: nn.Module, out_dir: Path, is_main: bool) -> None:
@@ -177,7 +213,7 @@ def _class_names(dataset) -> list[str]:
     return sorted({name for name in dataset["label_name"] if name})
 
 
-def build_finetune_task(cfg: RunConfig, info: DistInfo) -> Task:
+def build_finetune_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict] = None) -> Task:
     batch = cfg.data.image_batch
     if batch <= 0:
         raise ConfigError("config key 'data.image_batch' must be > 0 for image classification")
@@ -190,10 +226,12 @@ def build_finetune_task(cfg: RunConfig, info: DistInfo) -> Task:
     index = {name: i for i, name in enumerate(classes)}
     splits = {name: ds.filter(lambda n: n in index, input_columns="label_name") for name, ds in splits.items()}
 
-    model, image_size, tokens_per_image = build_classifier(cfg, len(classes))
-    add_method(cfg, model)
+    model, image_size, tokens_per_image = build_classifier(cfg, len(classes), ds_config)
+    base_share = zero3.local_fraction(model)
+    add_method(cfg, model)  # adapters are built whole; deepspeed.initialize partitions them
     if info.is_main:
-        print(f"finetune {cfg.finetune.method}: {smola.trainable_parameters(model)}", flush=True)
+        print(f"finetune {cfg.finetune.method}: {smola.trainable_parameters(model)}; "
+              f"rank 0 holds {100 * base_share:.1f}% of the base", flush=True)
 
     def load_example(subset: str, row: dict) -> dict:
         return {"pixels": image_to_tensor(row["image"], image_size), "label": index[row["label_name"]]}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -17,6 +18,7 @@ from vlmoe.model.config import ModelConfig, model_config
 from vlmoe.model.pretraining import VLMoEForPretraining
 from vlmoe.train.distributed import DistInfo
 from vlmoe.train.trainer import Task
+from vlmoe.zero3 import partitioned_construction
 
 MODEL_CONFIG_FILE = "model_config.json"
 # fields of the model that come from the prepared data, not from the config
@@ -56,7 +58,7 @@ def count_tokens(batch: dict) -> int:
     return tokens
 
 
-def build_pretrain_task(cfg: RunConfig, info: DistInfo) -> Task:
+def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict] = None) -> Task:
     sizes = batch_sizes(cfg)
     subsets = [s for s, b in sizes.items() if b > 0]
     root = check_data_dir(cfg.data.dir, subsets)
@@ -88,7 +90,9 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo) -> Task:
         record = {"model": model_cfg.to_dict(), "moe": moe_cfg.to_dict() if moe_cfg else None}
         (Path(cfg.run_dir) / MODEL_CONFIG_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
     total_micro_steps = cfg.train.steps * cfg.train.grad_accum
-    return Task(model=build_pretraining_model(model_cfg, moe_cfg, info.world_size),
+    with partitioned_construction(ds_config):
+        model = build_pretraining_model(model_cfg, moe_cfg, info.world_size)
+    return Task(model=model,
                 train_batches=batches("train", total_micro_steps),
                 eval_batches=batches("validation", cfg.data.eval_batches), count_tokens=count_tokens)
 

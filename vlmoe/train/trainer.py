@@ -153,8 +153,12 @@ def _forget_zero3_trace(engine) -> None:
         offload.get_param_coordinator()._invalidate_trace()
 
 
-def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Path:
-    """Train ``build_task``'s task under ``cfg``; resumes if the run directory has a checkpoint."""
+def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task]) -> Path:
+    """Train ``build_task``'s task under ``cfg``; resumes if the run directory has a checkpoint.
+
+    ``build_task(cfg, info, ds_config)`` builds its model inside
+    ``vlmoe.zero3.partitioned_construction(ds_config)``, so that under ZeRO-3 no rank holds it whole.
+    """
     import deepspeed
 
     info = init_distributed(cfg.train.dist_timeout_s, shm_comm=cfg.train.shm_comm)
@@ -166,13 +170,16 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
         dump_config(cfg, run_dir / "config.yaml")
     barrier()
 
-    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, on any launcher
-    task = build_task(cfg, info)
-    t = cfg.train
     ds_config = deepspeed_config(cfg, info.world_size)
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, on any launcher
+    task = build_task(cfg, info, ds_config)
+    t = cfg.train
     zero_stage = ds_config["zero_optimization"].get("stage", 0)
     groups = param_groups(task.model, t.weight_decay)
     moe = bool(moe_layers(task.model))
+    # experts go to their own EP-independent file, unless frozen ones come from the base run
+    experts_file = moe and not (task.exclude_frozen and not any(
+        p.requires_grad for layer in moe_layers(task.model) for p in layer.experts.parameters()))
     if moe:  # expert grads reduce within their expert-data-parallel group only
         prepare_for_deepspeed(task.model, zero_stage)
         groups = moe_param_groups(groups)
@@ -184,7 +191,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
     tag = checkpoint.committed_tag(ckpt_dir)
     if tag is not None:
         start_step = checkpoint.load(engine, ckpt_dir, tag, strict=not (task.exclude_frozen or moe),
-                                     topology=topology, experts=moe)["step"]
+                                     topology=topology, experts=experts_file)["step"]
         if info.is_main:
             print(f"resuming from {ckpt_dir / tag} at step {start_step}", flush=True)
 
@@ -225,7 +232,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo], Task]) -> Pa
         if done % t.save_every == 0 or done == t.steps:
             checkpoint.save(engine, ckpt_dir, done, {"step": done, **topology}, rank=info.rank,
                             world_size=info.world_size, zero_stage=zero_stage, keep=t.keep_checkpoints,
-                            exclude_frozen=task.exclude_frozen, experts=moe)
+                            exclude_frozen=task.exclude_frozen, experts=experts_file)
             if task.export is not None:
                 task.export(engine.module)
         progress.update(1)
