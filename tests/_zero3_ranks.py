@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -18,6 +17,7 @@ from vlmoe.model.config import model_config
 from vlmoe.model.pretraining import VLMoEForPretraining
 from vlmoe.moe import MoEConfig, moe_ffn_factory
 from vlmoe.moe.expert_checkpoint import global_expert_state, load_global_expert_state
+from vlmoe.train.distributed import init_distributed
 from vlmoe.train.finetune import load_hf_classifier
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
@@ -101,5 +101,8 @@ def construct(vit_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    deepspeed.init_distributed(dist_backend="gloo")
-    {"construct": construct}[sys.argv[1]](*sys.argv[2:])
+    init_distributed(timeout_s=120, shm_comm=False)
+    try:
+        {"construct": construct}[sys.argv[1]](*sys.argv[2:])
+    finally:
+        dist.destroy_process_group()

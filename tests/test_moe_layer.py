@@ -198,6 +198,14 @@ def test_base_parameter_report_matches_paper_scale():
     assert lower["experts"] == 10 * 32 * expert and every["experts"] == 12 * 32 * expert
     assert 1.9e9 < every["total"] < 2.1e9 and every["routers"] < 0.5e6  # the paper's "2B total, routers < 0.5M"
     assert lower["applied_per_token"] == every["applied_per_token"] - 2 * 768 * 32  # one expert per token each
+    # Applied per token (LIMoE's count, both modality paths) is the dense model's size plus the
+    # routers: ~201M with BEiT-3's 64k vocabulary; the paper's ~180M is VLMO's, with BERT's 30522.
+    with torch.device("meta"):
+        dense = sum(p.numel() for p in MultiwayTransformer(cfg).parameters())
+        vlmo_cfg = model_config("base", vocab_size=30522)
+        vlmo = parameter_report(MultiwayTransformer(vlmo_cfg, moe_ffn_factory(vlmo_cfg, MoEConfig())))
+    assert lower["applied_per_token"] == dense + lower["routers"]
+    assert 170e6 < vlmo["applied_per_token"] < 185e6
 
 
 def test_factory_places_moe_in_every_second_lower_v_and_t_ffn():

@@ -12,7 +12,10 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     total: all parameters of the full model (every expert of every pool).
     applied_per_token: total minus, per MoE layer, the experts a token does not use (E - k).
     routers: router weights. experts: all expert parameters. trainable: with requires_grad.
-    For a multiway backbone `applied_per_token` still counts both modality FFN stacks.
+    For a multiway backbone `applied_per_token` still counts both modality FFN stacks: it is the
+    parameters applied to an image-text token pair (LIMoE's count, used by VL-MoE Table 1), i.e.
+    the dense model's size plus the routers. BASE/32E: 201M with BEiT-3's 64k text vocabulary;
+    with VLMO's 30522-token vocabulary 176M, the paper's "180M per token".
     """
     report = {"total": 0, "applied_per_token": 0, "routers": 0, "experts": 0, "trainable": 0}
     expert_param_ids = set()
