@@ -45,8 +45,9 @@ class Step:
         return time.perf_counter() - start
 
 
-def _ours(d: int, d_ff: int, experts: int, cf: float) -> Step:
-    layer = MoE(d, d_ff, experts, k=1, capacity_factor=cf, batch_priority=True, aux_losses=("vloss",)).train()
+def _ours(d: int, d_ff: int, experts: int, cf: float, backend: str = "ours") -> Step:
+    layer = MoE(d, d_ff, experts, k=1, capacity_factor=cf, batch_priority=True, aux_losses=("vloss",),
+                backend=backend).train()
     return Step(layer, lambda x: layer(x).float().sum() + layer.pop_aux_loss())
 
 
@@ -75,7 +76,10 @@ def _tutel(d: int, d_ff: int, experts: int, cf: float):
         return None
     layer = tutel_moe.moe_layer(gate_type={"type": "top", "k": 1, "capacity_factor": cf},
                                 model_dim=d, experts={"type": "ffn", "count_per_node": experts,
-                                                      "hidden_size_per_expert": d_ff})
+                                                      "hidden_size_per_expert": d_ff,
+                                                      # GELU as ours; also, tutel 82af7aa's ReLU default
+                                                      # names an F it never imports
+                                                      "activation_fn": torch.nn.functional.gelu})
     return Step(layer, lambda x: layer(x.unsqueeze(0)).float().sum() + layer.l_aux)
 
 
@@ -112,8 +116,9 @@ def main() -> None:
         _init_single_rank()
         steps[f"deepspeed E={args.experts}"] = _deepspeed(args.d, args.d_ff, args.experts, args.cf)
     tutel = _tutel(args.d, args.d_ff, args.experts, args.cf)
-    if tutel is not None:
+    if tutel is not None:  # tutel's own layer, and ours with tutel's dispatch kernels
         steps[f"tutel E={args.experts}"] = tutel
+        steps[f"ours+tutel E={args.experts}"] = _ours(args.d, args.d_ff, args.experts, args.cf, backend="tutel")
     print(f"S={args.tokens} d={args.d} d_ff={args.d_ff} cf={args.cf} top-1, fwd+bwd, {args.threads} threads, "
           f"median of {args.rounds} interleaved rounds{'' if tutel else ' (tutel not installed)'}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
@@ -145,7 +150,7 @@ def _report(times: dict[str, list[float]]) -> None:
     dense = statistics.median(times["dense"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"  {name:18s} {median * 1000:9.1f} ms   {median / dense:5.2f}x dense")
+        print(f"  {name:20s} {median * 1000:9.1f} ms   {median / dense:5.2f}x dense")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def moe_ffn_factory(model_cfg: Any, moe_cfg: MoEConfig, dense_factory: Optional[
                     batch_priority=moe_cfg.batch_priority, min_capacity=moe_cfg.min_capacity,
                     noise_std=moe_cfg.noise_std, aux_losses=moe_cfg.losses_for(modality),
                     aux_weight=moe_cfg.aux_weight, z_loss_weight=moe_cfg.z_loss_weight, ep_group=ep_group,
-                    init_std=init_std, metric_prefix=f"moe/L{block_index}/{modality}")
+                    init_std=init_std, metric_prefix=f"moe/L{block_index}/{modality}", backend=moe_cfg.backend)
         if moe_cfg.freeze:
             layer.requires_grad_(False)
         return layer

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE
+from vlmoe.moe.tutel_dispatch import check_backend
 
 MODALITIES = ("v", "t")
-BACKENDS = ("ours",)
 PLACEMENTS = ("lower", "all")
 
 
@@ -29,8 +29,9 @@ class MoEConfig:
     ST-MoE z-loss. every / placement: MoE in the V-FFN and T-FFN of blocks i with
     i % every == every - 1 and i < vl_ffn_start ("lower", the paper's text) or any i ("all",
     which is what the paper's 2B-parameter count for BASE/32E corresponds to).
-    ep_size: expert-parallel group size. backend: "ours" (the only one built). freeze: freeze routers
-    and experts (fine-tuning, as in ST-MoE / VL-MoE).
+    ep_size: expert-parallel group size. backend: the token dispatcher, "ours" (index gathers)
+    or "tutel" (tutel's kernels, where tutel is installed). freeze: freeze routers and experts
+    (fine-tuning, as in ST-MoE / VL-MoE).
     """
 
     num_experts: int = 32
@@ -70,11 +71,7 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a number >= 0, got {value!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"MoEConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.backend == "tutel":
-            raise ValueError("MoEConfig.backend='tutel' is not available: this build has no tutel backend "
-                             "(tutel could not be installed and tested here); use backend='ours'")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"MoEConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_backend(self.backend, "MoEConfig")
         if not isinstance(self.aux_losses, Mapping):
             raise ValueError(f"MoEConfig.aux_losses must map modality -> list of loss names, got {self.aux_losses!r}")
         for modality, names in self.aux_losses.items():

@@ -68,12 +68,24 @@ class DispatchPlan:
     buffer_capacity: int
 
 
+def buffer_capacity(capacity: int) -> int:
+    """Rows per expert buffer: the capacity C rounded up to `ALIGN` (at least ALIGN)."""
+    return -(-max(capacity, 1) // ALIGN) * ALIGN
+
+
+def count_rows_used(routing: Routing, num_experts: int) -> torch.Tensor:
+    """[E] how many leading rows of each expert's buffer hold a token (rows fill in order)."""
+    # A scatter, not a bincount of the kept choices: boolean indexing would sync the device.
+    return torch.zeros(num_experts, dtype=torch.long, device=routing.expert.device).scatter_add_(
+        0, routing.expert.reshape(-1), routing.kept.reshape(-1).long())
+
+
 def plan_dispatch(routing: Routing, num_experts: int) -> DispatchPlan:
-    """Index maps of a routing into buffers of C_buf = C rounded up to `ALIGN` rows per expert."""
+    """Index maps of a routing into buffers of C_buf = buffer_capacity(C) rows per expert."""
     num_tokens, k = routing.expert.shape
-    buffer_capacity = -(-max(routing.capacity, 1) // ALIGN) * ALIGN
-    rows = num_experts * buffer_capacity
-    flat = routing.expert * buffer_capacity + routing.slot
+    capacity = buffer_capacity(routing.capacity)
+    rows = num_experts * capacity
+    flat = routing.expert * capacity + routing.slot
     slot_of_choice = torch.where(routing.kept, flat, torch.full_like(flat, rows))
     device = routing.expert.device
     # Dropped choices all write to the extra row `rows`, which is cut off.
@@ -82,11 +94,8 @@ def plan_dispatch(routing: Routing, num_experts: int) -> DispatchPlan:
     choice_of_slot = choice_of_slot[:rows]
     token_of_slot = torch.where(choice_of_slot < num_tokens * k, choice_of_slot // k,
                                 torch.full_like(choice_of_slot, num_tokens))
-    # A scatter, not a bincount of the kept choices: boolean indexing would sync the device.
-    rows_used = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(
-        0, routing.expert.reshape(-1), routing.kept.reshape(-1).long())
-    return DispatchPlan(slot_of_choice, choice_of_slot.unsqueeze(1), token_of_slot, rows_used, num_experts,
-                        buffer_capacity)
+    return DispatchPlan(slot_of_choice, choice_of_slot.unsqueeze(1), token_of_slot,
+                        count_rows_used(routing, num_experts), num_experts, capacity)
 
 
 def dispatch(tokens: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -105,3 +114,22 @@ def combine(expert_out: torch.Tensor, plan: DispatchPlan, weight: torch.Tensor) 
     if k == 1:
         return picked * weight
     return (picked.view(num_tokens, k, dim) * weight.unsqueeze(-1)).sum(dim=1)
+
+
+class IndexDispatcher:
+    """Tokens [S, d] <-> expert buffers [E, C_buf, d] for one routing, by index gathers
+    (``MoEConfig.backend = "ours"``; `vlmoe.moe.tutel_dispatch.TutelDispatcher` is the other).
+
+    rows_used: [E] filled rows per expert (rows fill in order).
+    """
+
+    def __init__(self, routing: Routing, num_experts: int) -> None:
+        self.plan = plan_dispatch(routing, num_experts)
+        self.rows_used = self.plan.rows_used
+        self._weight = routing.weight
+
+    def dispatch(self, tokens: torch.Tensor) -> torch.Tensor:
+        return dispatch(tokens, self.plan)
+
+    def combine(self, expert_out: torch.Tensor) -> torch.Tensor:
+        return combine(expert_out, self.plan, self._weight)

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.model.init import init_linears_
-from vlmoe.moe.dispatch import combine, dispatch, plan_dispatch
+from vlmoe.moe.dispatch import IndexDispatcher
 from vlmoe.moe.experts import Experts
 from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE, RouterTensors, aux_loss_terms, weighted_aux_loss
 from vlmoe.moe.metrics import RoutingStats
 from vlmoe.moe.parallel import ep_rank_and_size, run_expert_parallel
 from vlmoe.moe.router import Routing, expert_capacity, route
+from vlmoe.moe.tutel_dispatch import TutelDispatcher, check_backend
 
 
 def _current_task() -> Optional[str]:
@@ -41,8 +42,9 @@ class MoE(nn.Module):
                  eval_capacity_factor: float = 1.0, batch_priority: bool = True, min_capacity: int = 4,
                  noise_std: float = 1.0, aux_losses: Sequence[str] = ("vloss",), aux_weight: float = 0.01,
                  z_loss_weight: float = 0.0, ep_group: Optional[object] = None, init_std: float = 0.02,
-                 seed: Optional[int] = None, metric_prefix: str = "moe") -> None:
+                 seed: Optional[int] = None, metric_prefix: str = "moe", backend: str = "ours") -> None:
         super().__init__()
+        check_backend(backend, "MoE")
         if not 1 <= k <= num_experts:
             raise ValueError(f"MoE: k must be in [1, num_experts={num_experts}], got {k}")
         if capacity_factor <= 0 or eval_capacity_factor <= 0:
@@ -60,7 +62,7 @@ class MoE(nn.Module):
         self.batch_priority, self.min_capacity, self.noise_std = batch_priority, min_capacity, noise_std
         self.aux_losses, self.aux_weight, self.z_loss_weight = tuple(aux_losses), aux_weight, z_loss_weight
         self.ep_group, self.ep_size = ep_group, ep_size
-        self.metric_prefix = metric_prefix
+        self.metric_prefix, self.backend = metric_prefix, backend
         self.router = nn.Linear(d_model, num_experts, bias=False)
         init_linears_(self.router, std=init_std)
         num_local = num_experts // ep_size
@@ -98,13 +100,16 @@ class MoE(nn.Module):
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, capacity_factor, self.min_capacity)
         routing = route(noisy, self.k, capacity, self.batch_priority)
-        plan = plan_dispatch(routing, self.num_experts)
-        buffers = dispatch(tokens, plan)
+        if self.backend == "tutel":
+            dispatcher = TutelDispatcher(routing, self.num_experts, self.d_model, tokens.dtype)
+        else:
+            dispatcher = IndexDispatcher(routing, self.num_experts)
+        buffers = dispatcher.dispatch(tokens)
         if self.ep_group is None:
-            expert_out = self.experts(buffers, plan.rows_used)
+            expert_out = self.experts(buffers, dispatcher.rows_used)
         else:
             expert_out = run_expert_parallel(buffers, self.experts, self.ep_group)
-        out = combine(expert_out, plan, routing.weight)
+        out = dispatcher.combine(expert_out)
         # Aux terms are computed on every run so that an activation-checkpoint re-run saves the
         # same tensors; only the first run (not inside backward) records them.
         terms = self._aux_terms(routing, logits, noisy, noise_std)
@@ -148,5 +153,5 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, ep_size={self.ep_size}, "
-                f"capacity_factor={self.capacity_factor}/{self.eval_capacity_factor}, "
+                f"capacity_factor={self.capacity_factor}/{self.eval_capacity_factor}, backend={self.backend}, "
                 f"batch_priority={self.batch_priority}, aux={self.aux_losses}")
