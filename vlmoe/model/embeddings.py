@@ -73,11 +73,17 @@ class MultiwayEmbeddings(nn.Module):
         self.image = ImageEmbedding(cfg)
         self.text = TextEmbedding(cfg)
         self.modality_type = nn.Embedding(2, cfg.dim)
+        self.register_buffer("modality_ids", torch.tensor([IMAGE_TYPE, TEXT_TYPE]), persistent=False)
+
+    def _type_embedding(self, modality: int) -> torch.Tensor:
+        # Called as a module, not read as .weight: ZeRO-3 gathers a module's weights only
+        # around its own calls (reading the table directly failed in backward).
+        return self.modality_type(self.modality_ids[modality:modality + 1])  # [1, D]
 
     def embed_image(self, pixels: torch.Tensor, image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """pixels [B, C, H, W] -> [B, 1 + P, D]."""
-        return self.image(pixels, image_mask) + self.modality_type.weight[IMAGE_TYPE]
+        return self.image(pixels, image_mask) + self._type_embedding(IMAGE_TYPE)
 
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """text_ids [B, T] -> [B, T, D]."""
-        return self.text(text_ids) + self.modality_type.weight[TEXT_TYPE]
+        return self.text(text_ids) + self._type_embedding(TEXT_TYPE)

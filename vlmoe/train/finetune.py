@@ -70,15 +70,16 @@ def load_hf_classifier(path: str, num_classes: int, ds_config: Optional[dict] = 
         raise ConfigError(f"config key 'finetune.hf_model': '{source}' does not exist")
     config = AutoConfig.from_pretrained(str(source), num_labels=num_classes)
     weights = [] if source.is_file() else sorted(source.glob("*.safetensors"))
-    if not weights and (source.is_file() or not any(source.glob("*.bin"))):
-        with zero3.partitioned_construction(ds_config):
-            return AutoModelForImageClassification.from_config(config)
+    pretrained = bool(weights) or source.is_dir() and any(source.glob("*.bin"))
     state = _without_mismatched_head(weights, config) if weights else None
-    if state is None:
-        with zero3.partitioned_construction(ds_config):
-            return AutoModelForImageClassification.from_pretrained(str(source), config=config)
-    model_class = AutoModelForImageClassification._model_mapping[type(config)]
     with zero3.partitioned_construction(ds_config):
+        if not pretrained:
+            return AutoModelForImageClassification.from_config(config)
+        if state is None:
+            return AutoModelForImageClassification.from_pretrained(str(source), config=config,
+                                                                  ignore_mismatched_sizes=True)
+        # transformers takes a state dict only without a path, through the concrete class
+        model_class = AutoModelForImageClassification._model_mapping[type(config)]
         return model_class.from_pretrained(None, config=config, state_dict=state)
 
 
@@ -99,8 +100,7 @@ def _without_mismatched_head(weights: list[Path], config) -> Optional[dict[str, 
         return None
     from safetensors.torch import load_file
 
-    state = {k: v for file in weights for k, v in load_file(str(file)).items() if k not in mismatched}
-    return state
+    return {k: v for file in weights for k, v in load_file(str(file)).items() if k not in mismatched}
 
 
 def adapter_config(cfg: RunConfig):

@@ -18,7 +18,7 @@ from vlmoe.model.config import ModelConfig, model_config
 from vlmoe.model.pretraining import VLMoEForPretraining
 from vlmoe.train.distributed import DistInfo
 from vlmoe.train.trainer import Task
-from vlmoe.zero3 import partitioned_construction
+from vlmoe.zero3 import partitioned_construction, zero3_enabled
 
 MODEL_CONFIG_FILE = "model_config.json"
 # fields of the model that come from the prepared data, not from the config
@@ -59,6 +59,14 @@ def count_tokens(batch: dict) -> int:
 
 
 def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict] = None) -> Task:
+    moe_cfg = moe_config(cfg)
+    if moe_cfg is not None and not moe_cfg.freeze and zero3_enabled(ds_config):
+        # DeepSpeed reduces a ZeRO-3 leaf module's gradients once per call of the module, and
+        # asserts on the second call within one backward.
+        raise ConfigError("config: sparse VL-MoE pretraining cannot run under ZeRO-3 (train.zero_stage / "
+                          "ds_config): each MoE layer is called once per objective (MLM, MIM, VLM) in a step, "
+                          "and DeepSpeed's ZeRO-3 reduces an MoE layer's gradients once per call; pretrain "
+                          "with ZeRO-1/2 (expert parallelism works there) or set moe.freeze=true")
     sizes = batch_sizes(cfg)
     subsets = [s for s, b in sizes.items() if b > 0]
     root = check_data_dir(cfg.data.dir, subsets)
@@ -85,7 +93,6 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
         return StepBatches(datasets, sizes, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                            load_example=load_example, collate=collator, length=length)
 
-    moe_cfg = moe_config(cfg)
     if info.is_main:  # what `vlmoe finetune` rebuilds the backbone from
         record = {"model": model_cfg.to_dict(), "moe": moe_cfg.to_dict() if moe_cfg else None}
         (Path(cfg.run_dir) / MODEL_CONFIG_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
