@@ -419,3 +419,19 @@ def test_a_few_steps_on_a_fixed_batch_lower_every_loss():
     assert last["loss"] < 0.6 * first["loss"], (first, last)
     for key in ("mlm", "mim", "vlm_text", "vlm_image"):
         assert last[key] < 0.75 * first[key], (key, first[key], last[key])
+
+
+def test_weight_decay_skips_biases_norms_tokens_and_positions():
+    from vlmoe.train.trainer import param_groups
+
+    model = VLMoEForPretraining(tiny())
+    decay, no_decay = param_groups(model, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    for name in ("backbone.embeddings.image.cls_token", "backbone.embeddings.image.mask_token",
+                 "backbone.embeddings.image.positions", "backbone.embeddings.text.positions", "backbone.norm.weight",
+                 "backbone.blocks.0.attn.q_proj.bias"):
+        assert name in skipped, name
+    assert "backbone.blocks.0.attn.q_proj.weight" not in skipped
+    assert "backbone.embeddings.modality_type.weight" not in skipped

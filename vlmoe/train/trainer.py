@@ -85,12 +85,13 @@ def _read_ds_file(name: str) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: no weight decay on biases, norms, embeddings' extra tokens."""
+    """Decay matrices only: no weight decay on biases, norms, the [CLS]/[MASK] tokens and the
+    position embeddings (as BEiT-3)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or name.endswith(("cls_token", "mask_token", "pos_embed", "type_embed"))
+        skip = p.ndim < 2 or name.endswith(("cls_token", "mask_token", "positions"))
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
