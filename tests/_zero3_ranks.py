@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,10 +18,14 @@ from vlmoe.model.config import model_config
 from vlmoe.model.pretraining import VLMoEForPretraining
 from vlmoe.moe import MoEConfig, moe_ffn_factory
 from vlmoe.moe.expert_checkpoint import global_expert_state, load_global_expert_state
+from vlmoe.moe.expert_checkpoint import save_experts
+from vlmoe.train.checkpoint import EXPERTS_FILE, POINTER, tag_for
 from vlmoe.train.distributed import init_distributed
-from vlmoe.train.finetune import load_hf_classifier
+from vlmoe.train.finetune import load_hf_classifier, load_pretrained_backbone
+from vlmoe.train.pretrain import MODEL_CONFIG_FILE
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+DS_CONFIG_BF16 = {**DS_CONFIG, "bf16": {"enabled": True}}
 
 
 def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -77,9 +82,29 @@ def construct(vit_dir: str, out: str) -> None:
     except ValueError as exc:
         report["missing_error"] = str(exc)
 
+    # bf16, as fine-tuning builds a base: zero.Init makes the model in bf16, and the run's fp32
+    # checkpoint (read outside zero.Init) loads as its bf16 values
+    run_dir = Path(out).parent / "base_run"
+    tag_dir = run_dir / "checkpoints" / tag_for(1)
+    if dist.get_rank() == 0:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": other.state_dict()}, tag_dir / "mp_rank_00_model_states.pt")
+        (run_dir / "checkpoints" / POINTER).write_text(tag_for(1) + "\n")
+        record = {"model": other.cfg.to_dict(), "moe": MoEConfig(num_experts=4).to_dict()}
+        (run_dir / MODEL_CONFIG_FILE).write_text(json.dumps(record))
+    save_experts(other, tag_dir / EXPERTS_FILE)
+    dist.barrier()
+    backbone16 = load_pretrained_backbone(run_dir, DS_CONFIG_BF16)
+    report["bf16_local_fraction"] = zero3.local_fraction(backbone16)
+    report["bf16_loaded_differs"] = differing(
+        whole_state(backbone16), {n: t.to(torch.bfloat16) if t.is_floating_point() else t
+                                  for n, t in whole_state(other.backbone).items()})
+
     # Hugging Face: from weights (the same head size, then a new one) and from a config
     torch.manual_seed(5)
     reference = load_hf_classifier(vit_dir, 3)
+    report["vit_bf16_differs"] = differing(whole_state(load_hf_classifier(vit_dir, 3, DS_CONFIG_BF16)),
+                                           {n: t.to(torch.bfloat16) for n, t in whole_state(reference).items()})
     for labels in (3, 5):
         vit = load_hf_classifier(vit_dir, labels, DS_CONFIG)
         state = whole_state(vit)

@@ -124,7 +124,7 @@ def test_lora_specialist_on_the_smola_generalist(prepared_data, base_run, smola_
     assert any("lora" in n for n in specialist)
 
 
-def test_pretrained_hugging_face_vit_with_a_new_head_and_smola(prepared_data, tmp_path):
+def test_pretrained_hugging_face_vit_with_a_new_head_and_smola_in_bf16(prepared_data, tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
     vit_dir = tmp_path / "vit"  # pretrained weights with a 3-class head; the task has more classes
     ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
@@ -133,7 +133,8 @@ def test_pretrained_hugging_face_vit_with_a_new_head_and_smola(prepared_data, tm
     run_dir = tmp_path / "hf"
     proc = run(deepspeed_cmd(2, "finetune", "finetune_tiny_smola", f"data.dir={prepared_data}", f"run_dir={run_dir}",
                              f"finetune.hf_model={vit_dir}", "finetune.base_run=null", "finetune.smola.mode=mm",
-                             *[o for o in FT_OVERRIDES if not o.startswith("train.steps")], "train.steps=8"),
+                             "train.precision=bf16", *[o for o in FT_OVERRIDES if not o.startswith("train.steps")],
+                             "train.steps=8"),
                timeout=600)
     assert held_share(proc.stdout) < 60.0  # transformers built it partitioned under our ZeRO-3 config
     curve = losses(run_dir)

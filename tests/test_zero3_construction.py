@@ -35,6 +35,8 @@ def test_partitioned_construction_gives_the_whole_models_weights(tmp_path):
         # our init (embeddings, BEiT depth rescale, routers, experts, heads) and tied MLM weights survive
         assert r["vlmoe_init_differs"] == [] and r["tied"]
         assert r["loaded_differs"] == [] and r["experts_saved_whole"]
+        # fine-tuning's bf16 base and a bf16 HF model: the fp32 files' values, partitioned
+        assert r["bf16_loaded_differs"] == [] and r["vit_bf16_differs"] == [] and r["bf16_local_fraction"] < 0.6
         assert "bad.pt" in r["shape_error"] and "norm.weight" in r["shape_error"]
         assert "partial.pt" in r["missing_error"] and "mim_head" in r["missing_error"]
         # HF: pretrained weights exactly as from_pretrained loads them; a new head initialised alike on all ranks

@@ -32,28 +32,39 @@ def zero3_enabled(ds_config: Optional[Mapping]) -> bool:
 
 @contextmanager
 def partitioned_construction(ds_config: Optional[Mapping]) -> Iterator[bool]:
-    """Build models inside this. Under ZeRO-3 (per ``ds_config``) parameters are partitioned as
-    their modules are built; otherwise nothing changes. Yields whether partitioning is on.
+    """Build our models inside this. Under ZeRO-3 (per ``ds_config``) parameters are partitioned
+    as their modules are built; otherwise nothing changes. Yields whether partitioning is on.
 
-    Hugging Face models built inside are partitioned by transformers itself (it builds them
-    without init, initialises module by module on gathered weights, and loads pretrained
-    weights with its key conversions), because its DeepSpeed config object lives meanwhile.
-
-    Only model construction belongs inside: on accelerators ``deepspeed.zero.Init`` also moves
-    the tensors created meanwhile to the device.
+    Only construction belongs inside, never loading: ``deepspeed.zero.Init`` makes every
+    floating-point tensor created meanwhile in the training dtype (and on the device), so a
+    checkpoint read inside would reinterpret fp32 storage as bf16.
     """
     if not zero3_enabled(ds_config):
         yield False
         return
     import deepspeed
+
+    # mem_efficient_linear=False: otherwise zero.Init replaces torch.nn.functional.linear for
+    # the rest of the process, which the ZeRO-3 engine does not need.
+    with deepspeed.zero.Init(config_dict_or_path=dict(ds_config), mem_efficient_linear=False):
+        yield True
+
+
+@contextmanager
+def hf_partitioning(ds_config: Optional[Mapping]) -> Iterator[bool]:
+    """Build (and load) Hugging Face models inside this. Under ZeRO-3 transformers partitions
+    them itself, as it does while its DeepSpeed config object lives: it builds them under
+    zero.Init without init, initialises module by module on gathered weights, and loads
+    pretrained weights (with its key conversions) one module at a time, outside zero.Init.
+    """
+    if not zero3_enabled(ds_config):
+        yield False
+        return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     hf_config = HfDeepSpeedConfig(dict(ds_config))  # transformers holds only a weak reference
     try:
-        # mem_efficient_linear=False: otherwise zero.Init replaces torch.nn.functional.linear for
-        # the rest of the process, which the ZeRO-3 engine does not need.
-        with deepspeed.zero.Init(config_dict_or_path=dict(ds_config), mem_efficient_linear=False):
-            yield True
+        yield True
     finally:
         unset_hf_deepspeed_config()
         del hf_config

@@ -34,8 +34,9 @@ ADAPTER_DIR = "adapter"
 HEAD_FILE = "task_head.safetensors"
 
 
-def load_pretrained_backbone(run_dir: str | Path) -> MultiwayTransformer:
-    """The backbone of a vlmoe pretraining run, with its last committed weights."""
+def load_pretrained_backbone(run_dir: str | Path, ds_config: Optional[dict] = None) -> MultiwayTransformer:
+    """The backbone of a vlmoe pretraining run, with its last committed weights; under ZeRO-3
+    (per ``ds_config``) built partitioned, then loaded one submodule at a time."""
     run_dir = Path(run_dir)
     config_path = run_dir / MODEL_CONFIG_FILE
     if not config_path.is_file():
@@ -44,7 +45,8 @@ def load_pretrained_backbone(run_dir: str | Path) -> MultiwayTransformer:
     record = json.loads(config_path.read_text(encoding="utf-8"))
     model_cfg = ModelConfig.from_dict(record["model"])
     moe_cfg = MoEConfig.from_dict({**record["moe"], "ep_size": 1}) if record.get("moe") else None
-    pretrained = build_pretraining_model(model_cfg, moe_cfg, world_size=1)
+    with zero3.partitioned_construction(ds_config):
+        pretrained = build_pretraining_model(model_cfg, moe_cfg, world_size=1)
     try:
         tag_dir = load_module_weights(pretrained, run_dir / "checkpoints", strict=moe_cfg is None)
         if moe_cfg is not None:
@@ -72,7 +74,7 @@ def load_hf_classifier(path: str, num_classes: int, ds_config: Optional[dict] = 
     weights = [] if source.is_file() else sorted(source.glob("*.safetensors"))
     pretrained = bool(weights) or source.is_dir() and any(source.glob("*.bin"))
     state = _without_mismatched_head(weights, config) if weights else None
-    with zero3.partitioned_construction(ds_config):
+    with zero3.hf_partitioning(ds_config):
         if not pretrained:
             return AutoModelForImageClassification.from_config(config)
         if state is None:
@@ -131,9 +133,10 @@ def build_classifier(cfg: RunConfig, num_classes: int, ds_config: Optional[dict]
         hf = load_hf_classifier(f.hf_model, num_classes, ds_config)
         size, patch = int(hf.config.image_size), int(getattr(hf.config, "patch_size", hf.config.image_size))
         return HFImageClassifier(hf), size, (size // patch) ** 2 + 1
+    backbone = load_pretrained_backbone(f.base_run, ds_config)
     with zero3.partitioned_construction(ds_config):
-        backbone = load_pretrained_backbone(f.base_run)
-        return ImageClassifier(backbone, num_classes), backbone.cfg.image_size, backbone.cfg.num_patches + 1
+        model = ImageClassifier(backbone, num_classes)
+    return model, backbone.cfg.image_size, backbone.cfg.num_patches + 1
 
 
 def adapter_target(model: nn.Module) -> nn.Module:

@@ -158,7 +158,8 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task])
     """Train ``build_task``'s task under ``cfg``; resumes if the run directory has a checkpoint.
 
     ``build_task(cfg, info, ds_config)`` builds its model inside
-    ``vlmoe.zero3.partitioned_construction(ds_config)``, so that under ZeRO-3 no rank holds it whole.
+    ``vlmoe.zero3.partitioned_construction(ds_config)`` (``hf_partitioning`` for Hugging Face
+    models) and loads weights outside it, so that under ZeRO-3 no rank holds the model whole.
     """
     import deepspeed
 
