@@ -108,18 +108,14 @@ def load_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], *, str
 
     Errors name ``source``: shape mismatches always, and with ``strict`` missing or unexpected keys.
     """
-    missing: list[str] = []
-    unexpected: list[str] = []
     errors: list[str] = []
     for name, sub in module.named_modules():
         prefix = f"{name}." if name else ""
         with full_parameters(sub, recurse=False):
-            sub._load_from_state_dict(state, prefix, {}, True, missing, unexpected, errors)
-    # A submodule only reports keys under its own prefix that no child claims: keep those that
-    # no module at all took.
+            # key bookkeeping is per submodule here; it is done once for the whole module below
+            sub._load_from_state_dict(state, prefix, {}, True, [], [], errors)
     known = set(module.state_dict().keys())
-    unexpected = sorted({k for k in state if k not in known})
-    missing = sorted(set(missing))
+    missing, unexpected = sorted(known - set(state)), sorted(set(state) - known)
     if errors:
         raise ValueError(f"{source}: " + "; ".join(errors))
     if strict and (missing or unexpected):
