@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from _rank_exit import skip_interpreter_teardown
 from vlmoe.moe import MoE
 from vlmoe.moe.expert_checkpoint import global_expert_state, save_experts
 
@@ -194,9 +195,7 @@ def main() -> None:
     if sys.argv[1] in ("zero", "resume"):
         from vlmoe.train.distributed import init_distributed
 
-        # as the trainer's tests do: without DeepSpeed's shared-memory allreduce, whose teardown
-        # aborted ~1 in 4 of these jobs at exit ("terminate called without an active exception")
-        init_distributed(timeout_s=120, shm_comm=False)
+        init_distributed(timeout_s=120, shm_comm=False)  # as the trainer's tests: no shm op build
     else:
         dist.init_process_group("gloo")
     try:
@@ -217,3 +216,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    skip_interpreter_teardown()

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from _rank_exit import skip_interpreter_teardown
+
 from vlmoe import zero3
 from vlmoe.model.config import model_config
 from vlmoe.model.pretraining import VLMoEForPretraining
@@ -131,3 +133,4 @@ if __name__ == "__main__":
         {"construct": construct}[sys.argv[1]](*sys.argv[2:])
     finally:
         dist.destroy_process_group()
+    skip_interpreter_teardown()
