@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -17,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from vlmoe.moe import MoE
+from vlmoe.moe.dispatch import buffer_capacity
+from vlmoe.moe.experts import Experts
 
 
 class DenseFFN(nn.Module):
@@ -49,6 +52,18 @@ def _ours(d: int, d_ff: int, experts: int, cf: float, backend: str = "ours") -> 
     layer = MoE(d, d_ff, experts, k=1, capacity_factor=cf, batch_priority=True, aux_losses=("vloss",),
                 backend=backend).train()
     return Step(layer, lambda x: layer(x).float().sum() + layer.pop_aux_loss())
+
+
+def _experts_only(d: int, d_ff: int, experts: int, cf: float, tokens: int) -> Step:
+    """Our experts alone on full [E, C, d] buffers: the batched expert GEMMs that any top-1
+    layer of this size runs, without routing, dispatch or combine (the floor over E)."""
+    layer = Experts(d, d_ff, experts)
+    buffers = torch.randn(experts, buffer_capacity(math.ceil(cf * tokens / experts)), d, requires_grad=True)
+
+    def loss(_: torch.Tensor) -> torch.Tensor:
+        buffers.grad = None
+        return layer(buffers).float().sum()
+    return Step(layer, loss)
 
 
 def _dense(d: int, d_ff: int) -> Step:
@@ -130,9 +145,11 @@ def main() -> None:
         steps = {"dense": steps["dense"]}
         for experts in sweep:
             steps[f"ours E={experts}"] = _ours(args.d, args.d_ff, experts, args.cf)
+            steps[f"experts only E={experts}"] = _experts_only(args.d, args.d_ff, experts, args.cf, args.tokens)
             if not args.no_deepspeed:
                 steps[f"deepspeed E={experts}"] = _deepspeed(args.d, args.d_ff, experts, args.cf)
-        print("sweep over the number of experts (the weights to read and their gradients to write grow with E)")
+        print("sweep over the number of experts (the weights to read and their gradients to write grow with E;\n"
+              "'experts only' is the batched expert GEMMs alone, the part of any layer that grows with E)")
         _report(_measure(steps, x, args.rounds))
 
 
