@@ -68,3 +68,46 @@ def test_bad_fine_tuning_settings_are_named(tmp_path):
     from vlmoe.train.finetune import adapter_config
     with pytest.raises(ConfigError, match="finetune.smola"):
         adapter_config(cfg)
+
+
+def _write_pretraining_run(run_dir, moe_record: dict):
+    """A pretraining run directory as `vlmoe pretrain` leaves it: config record, committed tag, experts."""
+    import json
+
+    from vlmoe.model.config import model_config
+    from vlmoe.model.pretraining import VLMoEForPretraining
+    from vlmoe.moe import MoEConfig, moe_ffn_factory
+    from vlmoe.moe.expert_checkpoint import save_experts
+    from vlmoe.train.checkpoint import EXPERTS_FILE, POINTER, tag_for
+    from vlmoe.train.pretrain import MODEL_CONFIG_FILE
+
+    cfg = model_config("tiny", depth=4, vl_ffn_start=3, drop_path=0.0)
+    torch.manual_seed(3)
+    model = VLMoEForPretraining(cfg, moe_ffn_factory(cfg, MoEConfig(num_experts=4)))
+    tag_dir = run_dir / "checkpoints" / tag_for(2)
+    tag_dir.mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, tag_dir / "mp_rank_00_model_states.pt")
+    save_experts(model, tag_dir / EXPERTS_FILE)
+    (run_dir / "checkpoints" / POINTER).write_text(tag_for(2) + "\n")
+    (run_dir / MODEL_CONFIG_FILE).write_text(json.dumps({"model": cfg.to_dict(), "moe": moe_record}))
+    return model
+
+
+def test_a_run_pretrained_with_tutel_fine_tunes_where_tutel_is_missing(tmp_path):
+    from vlmoe.moe import MoEConfig, moe_layers
+    from vlmoe.moe.tutel_dispatch import tutel_installed
+    from vlmoe.train.finetune import load_pretrained_backbone
+
+    # the record as a tutel run on a GPU cluster writes it (MoEConfig checks tutel, a dict does not)
+    record = {**MoEConfig(num_experts=4).to_dict(), "backend": "tutel", "ep_size": 2}
+    pretrained = _write_pretraining_run(tmp_path, record)
+    if tutel_installed():
+        backbone = load_pretrained_backbone(tmp_path)
+    else:
+        with pytest.warns(RuntimeWarning, match="pretrained with tutel's dispatch; tutel is not installed here"):
+            backbone = load_pretrained_backbone(tmp_path)
+    layers = moe_layers(backbone)
+    assert layers and {m.backend for m in layers} == {"tutel" if tutel_installed() else "ours"}
+    state = pretrained.backbone.state_dict()
+    assert all(torch.equal(t, state[n]) for n, t in backbone.state_dict().items())
+    assert all(not p.requires_grad for m in layers for p in m.parameters())  # frozen for fine-tuning

@@ -8,6 +8,7 @@ adapter alone (``RUN_DIR/adapter``: PEFT-style files plus the task head) for lat
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,7 @@ from vlmoe.model.config import ModelConfig
 from vlmoe.model.multiway import MultiwayTransformer
 from vlmoe.moe import MoEConfig, freeze_moe, moe_layers
 from vlmoe.moe.expert_checkpoint import load_experts
+from vlmoe.moe.tutel_dispatch import tutel_installed
 from vlmoe.train.objectives import IGNORE_INDEX
 from vlmoe.train.checkpoint import EXPERTS_FILE, CheckpointError, load_module_weights
 from vlmoe.train.distributed import DistInfo
@@ -44,7 +46,7 @@ def load_pretrained_backbone(run_dir: str | Path, ds_config: Optional[dict] = No
                           f"pretraining run?)")
     record = json.loads(config_path.read_text(encoding="utf-8"))
     model_cfg = ModelConfig.from_dict(record["model"])
-    moe_cfg = MoEConfig.from_dict({**record["moe"], "ep_size": 1}) if record.get("moe") else None
+    moe_cfg = MoEConfig.from_dict(_moe_record_here(record["moe"], run_dir)) if record.get("moe") else None
     with zero3.partitioned_construction(ds_config):
         pretrained = build_pretraining_model(model_cfg, moe_cfg, world_size=1)
     try:
@@ -56,6 +58,18 @@ def load_pretrained_backbone(run_dir: str | Path, ds_config: Optional[dict] = No
     if moe_cfg is not None:
         freeze_moe(pretrained)  # routers and experts stay frozen in fine-tuning (VL-MoE, ST-MoE)
     return pretrained.backbone
+
+
+def _moe_record_here(moe: dict, run_dir: Path) -> dict:
+    """A pretraining run's MoE settings for the frozen base here: one rank holds every expert,
+    and tutel's dispatch, an execution choice that the weights do not depend on, falls back to
+    ours where tutel is not installed (the two agree: tests/test_moe_tutel.py)."""
+    moe = {**moe, "ep_size": 1}
+    if moe.get("backend") == "tutel" and not tutel_installed():
+        warnings.warn(f"{run_dir} was pretrained with tutel's dispatch; tutel is not installed here, so the frozen "
+                      "MoE layers dispatch with ours (same routing and outputs)", RuntimeWarning, stacklevel=3)
+        moe["backend"] = "ours"
+    return moe
 
 
 def load_hf_classifier(path: str, num_classes: int, ds_config: Optional[dict] = None) -> nn.Module:
