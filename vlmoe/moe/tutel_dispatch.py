@@ -16,8 +16,6 @@ from vlmoe.moe.dispatch import buffer_capacity, count_rows_used
 from vlmoe.moe.router import Routing
 
 INSTALL_HINT = "pip install --no-build-isolation git+https://github.com/microsoft/tutel (see docker/Dockerfile)"
-
-
 BACKENDS = ("ours", "tutel")
 
 

@@ -108,10 +108,10 @@ def _without_mismatched_head(weights: list[Path], config) -> Optional[dict[str, 
 
     with torch.device("meta"):  # shapes only (outside zero.Init, which would partition it)
         shapes = {k: tuple(v.shape) for k, v in AutoModelForImageClassification.from_config(config).state_dict().items()}
-    mismatched = []
+    mismatched: set[str] = set()
     for file in weights:
         with safe_open(str(file), "pt") as f:
-            mismatched += [k for k in f.keys() if k in shapes and tuple(f.get_slice(k).get_shape()) != shapes[k]]
+            mismatched |= {k for k in f.keys() if k in shapes and tuple(f.get_slice(k).get_shape()) != shapes[k]}
     if not mismatched:
         return None
     from safetensors.torch import load_file

@@ -178,10 +178,11 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task])
     t = cfg.train
     zero_stage = ds_config["zero_optimization"].get("stage", 0)
     groups = param_groups(task.model, t.weight_decay)
-    moe = bool(moe_layers(task.model))
+    layers = moe_layers(task.model)
+    moe = bool(layers)
     # experts go to their own EP-independent file, unless frozen ones come from the base run
-    experts_file = moe and not (task.exclude_frozen and not any(
-        p.requires_grad for layer in moe_layers(task.model) for p in layer.experts.parameters()))
+    trainable_experts = any(p.requires_grad for layer in layers for p in layer.experts.parameters())
+    experts_file = moe and (trainable_experts or not task.exclude_frozen)
     if moe:  # expert grads reduce within their expert-data-parallel group only
         prepare_for_deepspeed(task.model, zero_stage)
         groups = moe_param_groups(groups)
