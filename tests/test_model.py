@@ -13,7 +13,7 @@ from vlmoe.model.config import PRESETS, ModelConfig, model_config
 from vlmoe.model.multiway import DropPath, FeedForward, MultiwayTransformer
 from vlmoe.model.pretraining import VLMoEForPretraining
 from vlmoe.model.task import current_task, task_scope
-from vlmoe.train.objectives import prediction_accuracy, prediction_loss, pretraining_loss
+from vlmoe.model.objectives import prediction_accuracy, prediction_loss, pretraining_loss
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from vlmoe.data.masking import blockwise_mask, mlm_mask, sample_generator
+from vlmoe.data.masking import IGNORE_INDEX, blockwise_mask, mlm_mask, sample_generator
 
 SUBSETS = ("image", "text", "pair")
 _EXAMPLE_KEYS = {"image": ("pixels",), "text": ("text",), "pair": ("pixels", "text")}
@@ -61,7 +61,7 @@ class PretrainCollator:
         batch = len(inputs)
         out = {"ids": torch.full((batch, length), tok.pad_id, dtype=torch.long),
                "pad_mask": torch.zeros(batch, length, dtype=torch.bool),
-               "labels": torch.full((batch, length), -100, dtype=torch.long)}
+               "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)}
         for row, (ids, label) in enumerate(zip(inputs, labels)):
             out["ids"][row, :len(ids)] = ids
             out["pad_mask"][row, :len(ids)] = True

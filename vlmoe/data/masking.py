@@ -11,6 +11,8 @@ import math
 
 import torch
 
+IGNORE_INDEX = -100
+"""Label of a position that is not predicted (text MLM labels, padding rows of a batch)."""
 _BLOCK_MIN_AREA = 16  # BEiT's smallest block, for 14x14 grids; capped by what is still to mask
 _BLOCK_ASPECT = 0.3  # blocks have aspect ratio in [0.3, 1/0.3], log-uniform
 _BLOCK_ATTEMPTS = 10  # consecutive block draws that add nothing before topping up patch by patch
@@ -52,7 +54,7 @@ def mlm_mask(ids: torch.Tensor, maskable: torch.Tensor, prob: float, mask_id: in
     candidates = maskable.nonzero().flatten()
     count = min(len(candidates), max(1, round(prob * len(candidates)))) if len(candidates) else 0
     chosen = candidates[torch.randperm(len(candidates), generator=gen)[:count]]
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     labels[chosen] = ids[chosen]
     inputs = ids.clone()
     action = torch.rand(count, generator=gen)

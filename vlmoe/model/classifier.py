@@ -8,7 +8,8 @@ from torch import nn
 
 from vlmoe.model.init import init_linears_
 from vlmoe.model.multiway import MultiwayTransformer
-from vlmoe.train.objectives import IGNORE_INDEX, prediction_accuracy, prediction_loss
+from vlmoe.data.masking import IGNORE_INDEX
+from vlmoe.model.objectives import prediction_accuracy, prediction_loss
 
 
 def _outputs(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ from vlmoe.model.config import ModelConfig
 from vlmoe.model.heads import MIMHead, MLMHead
 from vlmoe.model.multiway import FfnFactory, MultiwayTransformer
 from vlmoe.model.task import task_scope
-from vlmoe.train.objectives import IGNORE_INDEX, prediction_accuracy, prediction_loss, pretraining_loss
+from vlmoe.data.masking import IGNORE_INDEX
+from vlmoe.model.objectives import prediction_accuracy, prediction_loss, pretraining_loss
 
 BATCH_KEYS = {
     "text": ("ids", "pad_mask", "labels"),

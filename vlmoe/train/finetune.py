@@ -26,7 +26,7 @@ from vlmoe.model.multiway import MultiwayTransformer
 from vlmoe.moe import MoEConfig, freeze_moe, moe_layers
 from vlmoe.moe.expert_checkpoint import load_experts
 from vlmoe.moe.tutel_dispatch import tutel_installed
-from vlmoe.train.objectives import IGNORE_INDEX
+from vlmoe.data.masking import IGNORE_INDEX
 from vlmoe.train.checkpoint import EXPERTS_FILE, CheckpointError, load_module_weights
 from vlmoe.train.distributed import DistInfo
 from vlmoe.train.pretrain import MODEL_CONFIG_FILE, build_pretraining_model

@@ -6,9 +6,6 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-"""Label of a text position that is not predicted."""
-
 
 def prediction_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits [N, C] against targets Long [N], in float32.
