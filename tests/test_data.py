@@ -61,6 +61,17 @@ def test_wordnet_records():
     assert not any(r["text"].startswith(" ") or "Princeton" in r["text"] for r in records)
 
 
+def test_easy_vqa_pretraining_pairs_use_train_images_only():
+    from vlmoe.data import easy_vqa
+    records, skips = _take("easy_vqa", 4000)
+    attributes = easy_vqa.attributes("train")
+    assert len(records) == len(attributes) == 3578 and skips.total == 0
+    first = records[0]
+    shape, color = attributes[int(first["key"].split("/")[1])]
+    assert first["text"] == f"a {color} {shape}" and first["label_name"] == shape and first["image"].size == (64, 64)
+    assert all(r["key"].startswith("train/") for r in records)  # the test images are the tasks' validation
+
+
 def test_shakespeare_records():
     records, skips = _take("shakespeare", 3)
     first = records[0]["text"].splitlines()

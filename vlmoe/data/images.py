@@ -6,6 +6,8 @@ model sees it through `image_to_tensor`, which scales pixels to [-1, 1].
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 from PIL import Image
@@ -46,6 +48,13 @@ def limit_size(image: Image.Image, max_side: int = MAX_STORED_SIDE) -> Image.Ima
     scale = max_side / max(width, height)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return image.resize(new_size, Image.Resampling.LANCZOS)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """The stored form of every image: RGB, long side capped at `MAX_STORED_SIDE`, PNG (lossless)."""
+    buffer = io.BytesIO()
+    limit_size(to_rgb(image)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ import datasets
 import torch
 from PIL import Image
 
-from vlmoe.data.images import image_to_tensor, limit_size, to_rgb
+from vlmoe.data.images import encode_png, image_to_tensor
 from vlmoe.data.sources import DataError, Record, SkipCounter, open_source
 from vlmoe.data.text_tokenizer import TextTokenizer
 from vlmoe.data.visual_tokenizer import KMeansVisualTokenizer
@@ -119,19 +119,13 @@ def split_of(source: str, key: str, val_fraction: float) -> str:
     return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    limit_size(to_rgb(image)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
 def _row(record: Record) -> tuple[str, dict[str, Any]]:
     """(subset, stored row) for a source record."""
     if "image" in record and "text" in record:
-        return "pairs", {"image": _png_bytes(record["image"]), "text": record["text"],
+        return "pairs", {"image": encode_png(record["image"]), "text": record["text"],
                          "label_name": record["label_name"], "source": record["source"]}
     if "image" in record:
-        return "images", {"image": _png_bytes(record["image"]), "label": record["label"],
+        return "images", {"image": encode_png(record["image"]), "label": record["label"],
                           "label_name": record["label_name"], "source": record["source"]}
     return "texts", {"text": record["text"], "source": record["source"]}
 

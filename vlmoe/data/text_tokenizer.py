@@ -105,6 +105,19 @@ class TextTokenizer:
         pieces = self._sp.encode(text, out_type=int)[: max_len - 2]
         return [self.cls_id, *pieces, self.sep_id]
 
+    def encode_pair(self, first: str, second: str, max_len: int) -> list[int]:
+        """[T_CLS] first [T_SEP] second [T_SEP] (sentence-pair tasks); the longer side is cut
+        one piece at a time until the whole list is <= max_len, as BERT truncates pairs."""
+        if max_len < 3:
+            raise ValueError(f"max_len must be at least 3 for a pair ([T_CLS] and two [T_SEP]), got {max_len}")
+        a, b = self._sp.encode(first, out_type=int), self._sp.encode(second, out_type=int)
+        while len(a) + len(b) > max_len - 3:
+            if len(a) >= len(b):
+                a.pop()
+            else:
+                b.pop()
+        return [self.cls_id, *a, self.sep_id, *b, self.sep_id]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the non-special ids (padding, [T_CLS], [T_SEP], [MASK] are dropped)."""
         return self._sp.decode([int(i) for i in ids if int(i) not in self.special_ids])
