@@ -29,10 +29,10 @@ setup(
         "tensorboard>=2.14",
         "tqdm",
         "matplotlib",  # study plots and Phi Phi^T heatmaps
+        "easy-vqa",  # offline VQA data (images and questions ship in the wheel): the vqa and nlvr2 tasks
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
-        "data": ["easy-vqa"],
     },
     entry_points={"console_scripts": ["vlmoe=vlmoe.cli:main"]},
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -93,11 +93,22 @@ def read_adapter_tensors(directory: Union[str, Path]) -> dict[str, torch.Tensor]
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or {TORCH_NAME}) in {directory}")
 
 
-def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
+def _copy_into_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(dtype=params[name].dtype, device=params[name].device))
+
+
+def load_adapter(model: nn.Module, directory: Union[str, Path],
+                 copy: Callable[[nn.Module, dict[str, torch.Tensor]], None] = _copy_into_parameters) -> nn.Module:
     """Inject the adapters recorded in ``directory`` (those the model lacks) and load their tensors.
 
     The model must be the base the adapter was trained on, bare or already carrying a
     prefix of the recorded stack. Every adapter tensor must be present with its shape.
+    ``copy(model, tensors)`` writes the checked tensors into the parameters of those names;
+    pass one that gathers partitioned parameters (ZeRO-3) where a full fine-tuning's base is
+    partitioned.
     """
     directory = Path(directory)
     stack = read_adapter_config(directory)
@@ -114,11 +125,10 @@ def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
         raise ValueError(f"load_adapter: {directory} does not fit this model: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
     for name, param in params.items():
-        if tuple(tensors[name].shape) != tuple(param.shape):
+        want = tuple(getattr(param, "ds_shape", param.shape))  # a partitioned parameter's full shape
+        if tuple(tensors[name].shape) != want:
             raise ValueError(f"load_adapter: {name!r} has shape {tuple(tensors[name].shape)} in {directory}, "
-                             f"the model expects {tuple(param.shape)}")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name].to(dtype=param.dtype, device=param.device))
+                             f"the model expects {want}")
+    copy(model, tensors)
     model.__dict__[STACK_ATTR] = list(stack)
     return model

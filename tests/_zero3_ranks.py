@@ -1,7 +1,7 @@
 """Rank program for tests/test_zero3_construction.py (torchrun, 2 ranks, gloo).
 
   construct VIT_DIR OUT   models built partitioned under ZeRO-3 against the same models built whole:
-                          our VL-MoE (init, tied weights, loading), a HF ViT (from a config, from weights)
+                          our VL-MoE (init, tied weights, loading, export), a HF ViT (from a config, from weights)
 Writes OUT.<rank> (JSON).
 """
 from __future__ import annotations
@@ -20,11 +20,9 @@ from vlmoe.model.config import model_config
 from vlmoe.model.pretraining import VLMoEForPretraining
 from vlmoe.moe import MoEConfig, moe_ffn_factory
 from vlmoe.moe.expert_checkpoint import global_expert_state, load_global_expert_state
-from vlmoe.moe.expert_checkpoint import save_experts
-from vlmoe.train.checkpoint import EXPERTS_FILE, POINTER, tag_for
+from vlmoe.train.base_model import load_hf_image_classifier, load_multiway_base
 from vlmoe.train.distributed import init_distributed
-from vlmoe.train.finetune import load_hf_classifier, load_pretrained_backbone
-from vlmoe.train.pretrain import MODEL_CONFIG_FILE
+from vlmoe.train.export import MODEL_DIR, export_model
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 DS_CONFIG_BF16 = {**DS_CONFIG, "bf16": {"enabled": True}}
@@ -47,6 +45,10 @@ def same_on_all_ranks(state: dict[str, torch.Tensor]) -> bool:
     gathered = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, total)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def load_hf_classifier(path: str, labels: int, ds_config: dict | None = None) -> torch.nn.Module:
+    return load_hf_image_classifier(path, labels, ds_config).module
 
 
 def vlmoe_model() -> VLMoEForPretraining:
@@ -84,19 +86,18 @@ def construct(vit_dir: str, out: str) -> None:
     except ValueError as exc:
         report["missing_error"] = str(exc)
 
-    # bf16, as fine-tuning builds a base: zero.Init makes the model in bf16, and the run's fp32
-    # checkpoint (read outside zero.Init) loads as its bf16 values
+    # the export of a partitioned model holds its whole weights (experts as whole pools); a base built
+    # from it in bf16, as fine-tuning builds one (zero.Init makes the model in bf16), holds their bf16 values
     run_dir = Path(out).parent / "base_run"
-    tag_dir = run_dir / "checkpoints" / tag_for(1)
-    if dist.get_rank() == 0:
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"module": other.state_dict()}, tag_dir / "mp_rank_00_model_states.pt")
-        (run_dir / "checkpoints" / POINTER).write_text(tag_for(1) + "\n")
-        record = {"model": other.cfg.to_dict(), "moe": MoEConfig(num_experts=4).to_dict()}
-        (run_dir / MODEL_CONFIG_FILE).write_text(json.dumps(record))
-    save_experts(other, tag_dir / EXPERTS_FILE)
+    record = {"model": other.cfg.to_dict(), "moe": MoEConfig(num_experts=4).to_dict(), "step": 1}
+    tokenizer = Path(out).parent / "text_tokenizer.model"
+    export_model(parted, run_dir / MODEL_DIR, record, [tokenizer], is_main=dist.get_rank() == 0)
     dist.barrier()
-    backbone16 = load_pretrained_backbone(run_dir, DS_CONFIG_BF16)
+    from safetensors.torch import load_file
+    exported = load_file(str(run_dir / MODEL_DIR / "model.safetensors"))
+    expected = {**other.state_dict(), **global_expert_state(other)}
+    report["export_differs"] = sorted(k for k in expected if k not in exported or not torch.equal(exported[k], expected[k]))
+    backbone16 = load_multiway_base(run_dir, DS_CONFIG_BF16).module
     report["bf16_local_fraction"] = zero3.local_fraction(backbone16)
     report["bf16_loaded_differs"] = differing(
         whole_state(backbone16), {n: t.to(torch.bfloat16) if t.is_floating_point() else t

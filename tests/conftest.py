@@ -90,3 +90,43 @@ def prepared_data(tmp_path_factory) -> Path:
     prepare(str(out), sources, val_fraction=0.1, seed=0, text_vocab_size=600, image_size=32, patch_size=8,
             codebook_size=64, tokenizer_fit_images=400)
     return out
+
+
+# every downstream task's embedded data, at most this many examples per source and split: few
+# images keep the image tasks fast; NLI learns word relations, which takes more pairs
+TASK_CAP = 160
+TASK_CAPS = {"nli": 3000}
+
+
+@pytest.fixture(scope="session")
+def task_data(prepared_data) -> Path:
+    """Each task's embedded data built once into the prepared data dir (the runs find it there)."""
+    from vlmoe.data import task_data as builder
+    from vlmoe.tasks import TASK_NAMES, get_task
+
+    for name in TASK_NAMES:
+        spec = builder.DataSpec(entries=(), max_items_per_source=TASK_CAPS.get(name, TASK_CAP), val_fraction=0.1)
+        builder.build(builder.data_dir_for(prepared_data, name, spec), name, get_task(name).records, spec,
+                      verbose=False)
+    return prepared_data
+
+
+@pytest.fixture(scope="session")
+def base_run(task_data, tmp_path_factory) -> Path:
+    """A dense pretraining under ZeRO-3 on 2 ranks, the base every fine-tune starts from: long enough
+    (150 steps, ~50 s) for its [T_CLS] states to tell texts apart, which the text tasks need."""
+    run_dir = tmp_path_factory.mktemp("base") / "pretrain"
+    run(deepspeed_cmd(2, "pretrain", "pretrain_tiny", f"data.dir={task_data}", f"run_dir={run_dir}",
+                      "train.steps=150", "train.save_every=75", "train.eval_every=150", "train.zero_stage=3",
+                      *[o for o in TEST_OVERRIDES if not o.startswith("train.log_every")], "train.log_every=25",
+                      "train.warmup_steps=10"), timeout=600)
+    return run_dir
+
+
+def finetune_args(task: str, data: Path, base: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A small fine-tune of ``task`` on the shared data and base (ZeRO-3, SMoLA omni by default)."""
+    return ["finetune", f"finetune_tiny_{task}", f"data.dir={data}", f"finetune.base_run={base}", f"run_dir={run_dir}",
+            f"finetune.max_items_per_source={TASK_CAPS.get(task, TASK_CAP)}", "finetune.val_fraction=0.1",
+            "finetune.smola.num_experts=4",
+            "data.batch_size=16", "data.eval_max_examples=96", "train.warmup_steps=2", "train.log_every=1",
+            "train.shm_comm=false", "train.progress_bar=false", "train.dist_timeout_s=120", *extra]

@@ -1,4 +1,5 @@
-"""Sparse VL-MoE through the trainer: EP=2 pretraining on 2 ranks, resume at EP=1, SMoLA on it under ZeRO-3."""
+"""Sparse VL-MoE through the trainer: EP=2 pretraining on 2 ranks (and its whole-pool export), resume at
+EP=1, SMoLA fine-tuning of the EP=2 base on 1 rank."""
 from __future__ import annotations
 
 import json
@@ -36,7 +37,13 @@ def test_ep2_pretraining_loss_falls_and_logs_routing(moe_run):
     val = read_metrics(moe_run, "val/loss")[-1]
     assert "val/moe/L1/v/dropped" in val
     assert (moe_run / "checkpoints" / tag_for(8) / EXPERTS_FILE).exists()
-    assert json.loads((moe_run / "model_config.json").read_text())["moe"]["ep_size"] == 2
+    record = json.loads((moe_run / "model" / "model_config.json").read_text())
+    assert record["moe"]["ep_size"] == 2 and record["step"] == 8
+    from safetensors.torch import load_file
+    exported = load_file(str(moe_run / "model" / "model.safetensors"))
+    experts = {k: v for k, v in exported.items() if ".experts." in k}
+    assert experts and all(v.shape[0] == 8 for v in experts.values())  # whole pools, gathered over EP=2
+    assert (moe_run / "model" / "text_tokenizer.model").is_file()
 
 
 def test_resume_ep2_checkpoint_on_one_rank_with_ep1_and_back(moe_run, prepared_data, tmp_path):
@@ -61,17 +68,18 @@ def test_resume_ep2_checkpoint_on_one_rank_with_ep1_and_back(moe_run, prepared_d
     assert sorted(records) == list(range(1, 13)) and records[11]["loss"] < records[1]["loss"]
 
 
-def test_smola_on_the_sparse_backbone_under_zero3(moe_run, prepared_data, tmp_path):
+def test_the_ep2_base_fine_tunes_on_one_rank_with_frozen_routing(moe_run, task_data, tmp_path):
+    from conftest import finetune_args
     run_dir = tmp_path / "smola-on-moe"
-    proc = run(deepspeed_cmd(2, "finetune", "finetune_tiny_smola", f"data.dir={prepared_data}",
-                             f"finetune.base_run={moe_run}", f"run_dir={run_dir}", "finetune.smola.num_experts=4",
-                             "data.image_batch=8", "data.eval_batches=1", "train.steps=6", "train.save_every=3",
-                             "train.eval_every=3", *TEST_OVERRIDES[3:]), timeout=600)
-    assert "finetune smola" in proc.stdout
-    assert "rank 0 holds 5" in proc.stdout  # ~50%: the sparse base was built partitioned (zero.Init)
+    proc = run(deepspeed_cmd(1, *finetune_args("vqa", task_data, moe_run, run_dir, "train.steps=6", "train.save_every=3",
+                                               "train.eval_every=3")), timeout=600)
+    assert "finetune vqa smola" in proc.stdout
     curve = read_metrics(run_dir, "loss")
     assert len(curve) == 6 and all(r["loss"] == r["loss"] for r in curve)
-    assert "moe/L1/v/dropped" in curve[-1]
+    last = curve[-1]
+    assert "moe/L1/v/dropped" in last and "moe/L1/t/dropped" in last  # both pools route: pairs hold image and text
+    assert "aux_loss" not in last and not any("/aux/" in k for k in last)  # no balancing loss reaches the adapters
+    assert "val/moe/L1/t/dropped" in read_metrics(run_dir, "val/accuracy")[-1]
     from safetensors.torch import load_file
     names = load_file(str(run_dir / "adapter" / "adapter_model.safetensors")).keys()
     assert names and not any("router" in n or "experts" in n for n in names)

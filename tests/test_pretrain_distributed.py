@@ -51,7 +51,27 @@ def test_run_directory_and_falling_losses(reference):
     assert any((reference / "tensorboard").glob("events.out.tfevents.*"))
     ckpts = reference / "checkpoints"
     assert committed_tag(ckpts) == tag_for(STEPS)
-    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [tag_for(12), tag_for(16)]  # keep=2
+    val_loss = {r["step"]: r["val/loss"] for r in val}
+    best = committed_tag(ckpts, "best")
+    assert best == tag_for(min(val_loss, key=val_loss.get))  # the lowest validation loss
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == sorted({tag_for(12), tag_for(16), best})  # keep=2 + best
+    # the whole model, exported with its tokenizers after each commit: the base of fine-tuning and eval
+    import json
+    assert json.loads((reference / "model" / "model_config.json").read_text())["step"] == STEPS
+    assert {p.name for p in (reference / "model").iterdir()} == {
+        "model_config.json", "model.safetensors", "text_tokenizer.model", "visual_tokenizer.safetensors"}
+
+
+def test_vlmoe_eval_reproduces_the_logged_validation(reference):
+    # on the run's 2 ranks (each rank's masks depend on its rank, so the same world size sees the same batches)
+    proc = run(deepspeed_cmd(2, "eval", str(reference)), timeout=600)
+    assert "written to" in proc.stdout and "mlm_acc" in proc.stdout and "val/mlm" not in proc.stdout
+    import json
+    results = json.loads((reference / "eval" / "results.json").read_text())
+    logged = read_metrics(reference, "val/loss")[-1]
+    assert results["step"] == STEPS and results["checkpoint"] == tag_for(STEPS) and results["num_batches"] == 4
+    for key in ("loss", "mlm", "mim", "vlm", "mlm_acc"):
+        assert results[key] == pytest.approx(logged[f"val/{key}"], rel=1e-6), key
 
 
 def test_torchrun_matches_deepspeed_launcher(prepared_data, reference, tmp_path):

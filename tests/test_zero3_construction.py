@@ -21,6 +21,9 @@ def test_partitioned_construction_gives_the_whole_models_weights(tmp_path):
                        intermediate_size=64, num_labels=3)
     torch.manual_seed(0)
     ViTForImageClassification(config).save_pretrained(str(vit_dir))
+    from vlmoe.data.text_tokenizer import TextTokenizer  # an exported model carries its tokenizer
+    TextTokenizer.train([f"caption number {i} of a small corpus" for i in range(200)], 32,
+                        tmp_path / "text_tokenizer.model")
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(RANKS), "construct", str(vit_dir), str(out)]
@@ -35,7 +38,9 @@ def test_partitioned_construction_gives_the_whole_models_weights(tmp_path):
         # our init (embeddings, BEiT depth rescale, routers, experts, heads) and tied MLM weights survive
         assert r["vlmoe_init_differs"] == [] and r["tied"]
         assert r["loaded_differs"] == [] and r["experts_saved_whole"]
-        # fine-tuning's bf16 base and a bf16 HF model: the fp32 files' values, partitioned
+        # the export of the partitioned model: its whole weights, experts as whole pools
+        assert r["export_differs"] == []
+        # fine-tuning's bf16 base (from that export) and a bf16 HF model: the fp32 files' values, partitioned
         assert r["bf16_loaded_differs"] == [] and r["vit_bf16_differs"] == [] and r["bf16_local_fraction"] < 0.6
         assert "bad.pt" in r["shape_error"] and "norm.weight" in r["shape_error"]
         assert "partial.pt" in r["missing_error"] and "mim_head" in r["missing_error"]

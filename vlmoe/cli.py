@@ -1,8 +1,8 @@
-"""``vlmoe prepare | pretrain | finetune CONFIG [key=value ...]``
+"""``vlmoe prepare | pretrain | finetune CONFIG [key=value ...]`` and ``vlmoe eval RUN_DIR [key=value ...]``
 
-CONFIG is a YAML path or the name of a shipped config (``vlmoe/configs/*.yaml``).
-Launch training on several ranks with ``deepspeed --num_gpus N --module vlmoe pretrain ...``
-or ``torchrun --nproc_per_node N -m vlmoe pretrain ...``.
+CONFIG is a YAML path or the name of a shipped config (``vlmoe/configs/*.yaml``); RUN_DIR a
+run directory that ``pretrain`` or ``finetune`` wrote. Launch on several ranks with
+``deepspeed --num_gpus N --module vlmoe pretrain ...`` or ``torchrun --nproc_per_node N -m vlmoe ...``.
 """
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import re
 import sys
 from typing import Optional
 
-from vlmoe.config import RunConfig, UsageError, load_config
+from vlmoe.config import UsageError, load_config
 from vlmoe.data.sources import DataError
 
 
-def _prepare(cfg: RunConfig) -> None:
+def _prepare(config: str, overrides: list[str]) -> None:
     from vlmoe.data.prepare import SourceSpec, prepare
     from vlmoe.model.config import model_config
 
+    cfg = load_config(config, overrides)
     p = cfg.prepare
     specs = []
     for entry in p.sources:
@@ -30,19 +31,25 @@ def _prepare(cfg: RunConfig) -> None:
             tokenizer_fit_images=p.tokenizer_fit_images)
 
 
-def _pretrain(cfg: RunConfig) -> None:
+def _pretrain(config: str, overrides: list[str]) -> None:
     from vlmoe.train.pretrain import pretrain
 
-    pretrain(cfg)
+    pretrain(load_config(config, overrides))
 
 
-def _finetune(cfg: RunConfig) -> None:
+def _finetune(config: str, overrides: list[str]) -> None:
     from vlmoe.train.finetune import finetune
 
-    finetune(cfg)
+    finetune(load_config(config, overrides))
 
 
-COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune}
+def _eval(run_dir: str, overrides: list[str]) -> None:
+    from vlmoe.train.evaluate import evaluate_run
+
+    evaluate_run(run_dir, overrides)
+
+
+COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "eval": _eval}
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -64,10 +71,10 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="vlmoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("config", help="YAML file, or a shipped config name such as pretrain_tiny")
+    parser.add_argument("config", help="YAML file, or a shipped config name such as pretrain_tiny; for eval: RUN_DIR")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.depth=2")
     args = parser.parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
     try:
-        COMMANDS[args.command](load_config(args.config, args.overrides))
+        COMMANDS[args.command](args.config, args.overrides)
     except (UsageError, DataError) as exc:  # bad config or data: a message, not a traceback
         parser.exit(2, f"vlmoe: error: {exc}\n")

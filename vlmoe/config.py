@@ -34,6 +34,11 @@ class DataConfig:
     text_batch: int = 16
     pair_batch: int = 16
     eval_batches: int = 4
+    # fine-tuning: examples per rank in a micro-batch (and in an evaluation batch)
+    batch_size: int = 32
+    # fine-tuning: validation examples evaluated at each evaluation, the first ones of the
+    # (hash-ordered) split; None = all (the paper: 1,024)
+    eval_max_examples: Optional[int] = None
     # DataLoader processes per rank that prefetch batches (0: load in the training process)
     num_workers: int = 0
 
@@ -66,15 +71,29 @@ class PretrainConfig:
 class FinetuneConfig:
     """``vlmoe finetune``: a task on a frozen or trainable base, by method.
 
-    The base is a vlmoe pretraining run (``base_run``) or a Hugging Face model (``hf_model``:
-    a local model directory, or a config.json for a randomly initialised model).
+    ``task``: a name from vlmoe.tasks. ``data``: the task's embedded data sets by name, or a
+    user's ``jsonl:PATH`` / ``image_folder:PATH``; empty = the task's default. The task's data
+    is built once under ``data.dir``/tasks (at most ``max_items_per_source`` examples per source
+    and split, sampled by hash; records without a split go to validation by a hash of their image with
+    ``val_fraction``). ``max_answers`` caps the VQA answer vocabulary (most frequent first).
+    The base is a vlmoe pretraining run (``base_run``: its exported ``model/``) or a Hugging
+    Face model (``hf_model``: a local model directory, or a config.json for a randomly
+    initialised model; image classification only).
     ``method``: smola | lora | full; ``smola`` / ``lora`` hold that adapter's settings
     (smola.SMoLAConfig / smola.LoRAConfig fields). ``generalist``: a SMoLA fine-tuning run
     whose adapter is loaded first, so that ``method: lora`` trains a per-task specialist on top
-    of it (Omni-SMoLA 4.3.4).
+    of it (Omni-SMoLA 4.3.4). On a sparse base the routers and experts stay frozen;
+    ``moe_router_noise`` / ``moe_aux_loss`` keep the base's router noise and add its balancing
+    losses (whose gradient then reaches the adapters), both off by default.
     """
 
     task: str = "image_classification"
+    data: list = field(default_factory=list)
+    max_items_per_source: Optional[int] = None
+    val_fraction: float = 0.1
+    max_answers: Optional[int] = None
+    moe_router_noise: bool = False
+    moe_aux_loss: bool = False
     base_run: Optional[str] = None
     hf_model: Optional[str] = None
     method: str = "smola"
@@ -100,12 +119,22 @@ class TrainConfig:
     zero_stage: int = 1
     log_every: int = 10
     eval_every: int = 100
+    # evaluate before the first step (logged at step 0 with the task's trivial baseline)
+    eval_at_start: bool = False
     save_every: int = 100
     keep_checkpoints: int = 2
     dist_timeout_s: int = 600
     # DeepSpeed's shared-memory allreduce on CPU: faster, but a 1-2 minute build on first use
     shm_comm: bool = True
     progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """``vlmoe eval RUN_DIR``: which committed checkpoint to evaluate: "last_good", "best" or a
+    tag such as "step_00000200"."""
+
+    checkpoint: str = "last_good"
 
 
 @dataclass
@@ -128,6 +157,7 @@ class RunConfig:
     # sparse MoE FFNs (vlmoe.moe.MoEConfig fields); absent = dense backbone
     moe: Optional[dict] = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # a DeepSpeed JSON file (path, or a name in ds_configs/) merged over the generated
     # settings, then the `deepspeed` mapping merged over both
     ds_config: Optional[str] = None
@@ -136,7 +166,6 @@ class RunConfig:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 FINETUNE_METHODS = ("smola", "lora", "full")
-FINETUNE_TASKS = ("image_classification",)
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -156,6 +185,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = origin or typ
+    if expected is list and isinstance(value, str):  # one entry of a list: data=jsonl:/x.jsonl
+        return [value]
     if expected is float and isinstance(value, str):
         try:  # YAML 1.1 reads "2e-3" as a string
             return float(value)
@@ -266,8 +297,13 @@ def validate(cfg: RunConfig) -> None:
     f = cfg.finetune
     if f.method not in FINETUNE_METHODS:
         raise ConfigError(f"config key 'finetune.method': {f.method!r} is not one of {FINETUNE_METHODS}")
-    if f.task not in FINETUNE_TASKS:
-        raise ConfigError(f"config key 'finetune.task': {f.task!r} is not one of {FINETUNE_TASKS}")
+    if not 0.0 < f.val_fraction < 1.0:
+        raise ConfigError(f"config key 'finetune.val_fraction' must lie in (0, 1), got {f.val_fraction}")
+    for key in ("max_items_per_source", "max_answers"):
+        if getattr(f, key) is not None and getattr(f, key) < 1:
+            raise ConfigError(f"config key 'finetune.{key}' must be >= 1 (or null), got {getattr(f, key)}")
+    if d.eval_max_examples is not None and d.eval_max_examples < 1:
+        raise ConfigError(f"config key 'data.eval_max_examples' must be >= 1 (or null), got {d.eval_max_examples}")
     if f.base_run is not None and f.hf_model is not None:
         raise ConfigError("config keys 'finetune.base_run' and 'finetune.hf_model': set only one")
     if f.generalist is not None and f.method != "lora":

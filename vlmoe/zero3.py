@@ -123,3 +123,23 @@ def load_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], *, str
                          f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")
     return missing, unexpected
+
+
+@torch.no_grad()
+def gathered_state_dict(module: nn.Module, keep: bool = True, skip: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` as whole CPU tensors, gathered one submodule at a time from ZeRO-3
+    partitions (collective: every rank calls; only ranks with ``keep`` collect, the others return
+    {}). Keys in ``skip`` are left out (e.g. experts, gathered over their own group)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, sub in module.named_modules():
+        prefix = f"{name}." if name else ""
+        with full_parameters(sub, recurse=False):
+            if not keep:
+                continue
+            for key, tensor in sub._parameters.items():
+                if tensor is not None and prefix + key not in skip:
+                    state[prefix + key] = tensor.detach().cpu().clone()
+            for key, tensor in sub._buffers.items():
+                if tensor is not None and key not in sub._non_persistent_buffers_set and prefix + key not in skip:
+                    state[prefix + key] = tensor.detach().cpu().clone()
+    return state

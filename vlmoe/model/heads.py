@@ -1,4 +1,4 @@
-"""Pretraining heads: masked-token prediction over the text vocabulary and the visual codebook."""
+"""Heads: masked-token prediction (MLM, MIM) for pretraining, and the pooler and MLP of BEiT-3's task heads."""
 from __future__ import annotations
 
 from typing import Optional
@@ -39,3 +39,31 @@ class MIMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden)
+
+
+class Pooler(nn.Module):
+    """BEiT-3's pooler of one token's state: LayerNorm, linear, tanh. [B, D] -> [B, D]."""
+
+    def __init__(self, dim: int, init_std: float = 0.02, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.dense = nn.Linear(dim, dim)
+        init_linears_(self.dense, std=init_std)
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(self.norm(token)))
+
+
+class MLPClassifier(nn.Module):
+    """BEiT-3's two-layer head: linear (D_in -> H), LayerNorm, GELU, linear (H -> classes).
+    [B, D_in] -> logits [B, classes]."""
+
+    def __init__(self, dim_in: int, hidden: int, num_classes: int, init_std: float = 0.02, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim_in, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        init_linears_(self.fc1, self.fc2, std=init_std)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.norm(self.fc1(features))))

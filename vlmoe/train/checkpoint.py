@@ -4,7 +4,13 @@ DeepSpeed writes its ``latest`` tag before every rank has finished writing its s
 after a crash ``latest`` can name a torn checkpoint. We never read it. A save is committed
 only when every rank has returned from ``save_checkpoint``, has left a marker, and rank 0
 has found every expected shard; then rank 0 replaces ``checkpoints/last_good`` atomically
-(temp file, fsync, ``os.replace``). Resume reads only that pointer.
+(temp file, fsync, ``os.replace``). Resume reads only that pointer. ``checkpoints/best`` is
+committed the same way to the checkpoint with the best validation metric, and rotation never
+deletes it.
+
+Each committed checkpoint also holds the run's portable export (``adapter/`` of a fine-tuning
+run, ``model/`` of a pretraining run), which does not depend on the world size, EP size or
+ZeRO stage; the newest is published as ``RUN_DIR/adapter`` or ``RUN_DIR/model`` (hard links).
 
 Loads go through ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 """
@@ -16,15 +22,15 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from vlmoe import zero3
 from vlmoe.moe.deepspeed_bridge import load_experts_into_engine
 from vlmoe.moe.expert_checkpoint import save_experts
 
 POINTER = "last_good"
+BEST_POINTER = "best"
 STATE_FILE = "trainer_state.json"
 EXPERTS_FILE = "experts.safetensors"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -55,18 +61,19 @@ def _allow_deepspeed_globals() -> None:
     # Plain containers and enums DeepSpeed pickles beside the tensors in its state files.
     import collections
 
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     torch.serialization.add_safe_globals(
         [collections.OrderedDict, LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
     )
 
 
-def _expected_shards(tag_dir: Path, world_size: int, zero_stage: int, experts: bool) -> list[str]:
+def _expected_shards(tag_dir: Path, world_size: int, zero_stage: int, experts: bool,
+                     export_name: Optional[str] = None) -> list[str]:
     """Names of missing files, by DeepSpeed's naming (empty when the save is complete)."""
-    required = [STATE_FILE] + ([EXPERTS_FILE] if experts else [])
+    required = [STATE_FILE] + ([EXPERTS_FILE] if experts else []) + ([export_name] if export_name else [])
     missing = [name for name in required if not (tag_dir / name).exists()]
     if not glob.glob(str(tag_dir / "*model_states.pt")):
         missing.append("*model_states.pt")
@@ -96,12 +103,18 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save(engine: Any, root: Path, step: int, state: dict, *, rank: int, world_size: int, zero_stage: int,
-         keep: int, exclude_frozen: bool = False, experts: bool = False) -> Path:
+         keep: int, exclude_frozen: bool = False, experts: bool = False,
+         export: Optional[Callable[[Path], None]] = None, export_name: Optional[str] = None,
+         best: bool = False) -> Path:
     """Save a checkpoint for ``step`` on every rank and commit it. Collective: all ranks call.
 
-    ``state`` is the trainer's own state (JSON-able, small: step, world and EP size); rank 0
-    writes it to ``trainer_state.json`` in the tag directory. ``experts``: the model has MoE layers, whose experts go to one
-    EP-size-independent file (``experts.safetensors``). Returns the committed tag directory.
+    ``state`` is the trainer's own state (JSON-able, small: step, world and EP size, the
+    validation metrics of this step); rank 0 writes it to ``trainer_state.json`` in the tag
+    directory. ``experts``: the model has MoE layers, whose experts go to one
+    EP-size-independent file (``experts.safetensors``). ``export(tag_dir)`` (collective) writes
+    ``tag_dir/<export_name>``, published as ``RUN_DIR/<export_name>`` once committed. ``best``:
+    this checkpoint also becomes ``checkpoints/best`` (before older ones are pruned). Returns the
+    committed tag directory.
     """
     from vlmoe.train.distributed import barrier
 
@@ -115,9 +128,11 @@ def save(engine: Any, root: Path, step: int, state: dict, *, rank: int, world_si
         (tag_dir / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
     if experts:
         save_experts(engine.module, tag_dir / EXPERTS_FILE)
+    if export is not None:
+        export(tag_dir)
     (tag_dir / f".rank{rank}.done").touch()
     barrier()
-    missing = _expected_shards(tag_dir, world_size, zero_stage, experts) if rank == 0 else []
+    missing = _expected_shards(tag_dir, world_size, zero_stage, experts, export_name) if rank == 0 else []
     complete = torch.tensor([0.0 if missing else 1.0], device=engine.device)
     torch.distributed.broadcast(complete, src=0)  # every rank fails together, none hangs
     if not complete.item():
@@ -125,23 +140,56 @@ def save(engine: Any, root: Path, step: int, state: dict, *, rank: int, world_si
                               f"the previous checkpoint stays committed in {root / POINTER}")
     if rank == 0:
         _write_atomic(root / POINTER, tag + "\n")
+        if best:
+            _write_atomic(root / BEST_POINTER, tag + "\n")
         _prune(root, keep, keep_tag=tag)
+        if export_name is not None:
+            publish(tag_dir / export_name, root.parent / export_name)
     barrier()
     return tag_dir
+
+
+def best_state(root: Path) -> Optional[dict]:
+    """The trainer state (with its "val" metrics) of the checkpoint ``best`` names, or None; a
+    pointer to a checkpoint that is gone (deleted by hand) is ignored, with a warning."""
+    try:
+        tag = committed_tag(root, BEST_POINTER)
+    except CheckpointError as exc:
+        print(f"warning: {exc}; the best checkpoint is chosen again from here on", flush=True)
+        return None
+    if tag is None or not (root / tag / STATE_FILE).is_file():
+        return None
+    return json.loads((root / tag / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def publish(source: Path, target: Path) -> None:
+    """Make ``target`` a copy of the folder ``source`` made of hard links (no extra disk), replacing
+    the old one by renames, so that a reader never sees a half-written folder."""
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=os.link)
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int, keep_tag: str) -> None:
     tags = sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name))
     newest_committed = tags.index(keep_tag)
-    # older committed checkpoints beyond `keep`; anything newer than the pointer is a torn save
+    best = (root / BEST_POINTER).read_text(encoding="utf-8").strip() if (root / BEST_POINTER).exists() else None
+    # older committed checkpoints beyond `keep` (never the best); anything newer than the pointer is a torn save
     stale = tags[: max(0, newest_committed + 1 - keep)] + tags[newest_committed + 1:]
     for name in stale:
-        shutil.rmtree(root / name, ignore_errors=True)
+        if name != best:
+            shutil.rmtree(root / name, ignore_errors=True)
 
 
-def committed_tag(root: Path) -> Optional[str]:
-    """The tag named by our pointer, or None if nothing was ever committed."""
-    pointer = root / POINTER
+def committed_tag(root: Path, pointer_name: str = POINTER) -> Optional[str]:
+    """The tag named by a pointer (``last_good`` or ``best``), or None if it was never committed."""
+    pointer = root / pointer_name
     if not pointer.exists():
         return None
     tag = pointer.read_text(encoding="utf-8").strip()
@@ -176,23 +224,3 @@ def load(engine: Any, root: Path, tag: str, *, strict: bool = True, topology: Op
     if experts:
         load_experts_into_engine(engine, str(root / tag / EXPERTS_FILE))
     return saved
-
-
-def load_module_weights(module: torch.nn.Module, checkpoint_dir: str | os.PathLike, strict: bool = True) -> Path:
-    """Load the model weights of a committed run checkpoint into a bare module (no engine).
-
-    ``checkpoint_dir`` is a run's ``checkpoints/`` directory (the committed tag is used) or a
-    tag directory. Parameters partitioned by ZeRO-3 are filled too. Returns the tag directory
-    read (experts, if any, are beside it).
-    """
-    path = Path(checkpoint_dir)
-    if (path / POINTER).exists():
-        path = path / committed_tag(path)
-    files = sorted(glob.glob(str(path / "*model_states.pt")))
-    if not files:
-        raise CheckpointError(f"no model_states.pt in {path}: not a vlmoe checkpoint")
-    _allow_deepspeed_globals()
-    # mmap: every rank of a job reads the same file; the page cache holds it once
-    state = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)["module"]
-    zero3.load_state_dict(module, state, strict=strict, source=files[0])
-    return path

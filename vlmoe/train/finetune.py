@@ -1,286 +1,175 @@
-"""Fine-tuning as a Task for the one trainer: SMoLA, LoRA or full, on our backbone or a HF model.
+"""Fine-tuning as a Task for the one trainer: any downstream task, any method, any base.
 
-Flow: build the base (a vlmoe pretraining run, or a Hugging Face model), wrap it in the task
-head, add the method's trainable parameters (smola.inject), train under the configured ZeRO
-stage (ZeRO-3 partitions the frozen base), and after each committed checkpoint export the
-adapter alone (``RUN_DIR/adapter``: PEFT-style files plus the task head) for later use.
+Flow: the task's data (built once under ``data.dir``/tasks, then read from disk), the
+vocabulary of its head (from the train split), the base (a pretraining run's exported model, or
+a Hugging Face image classifier), the task head around it, the method's trainable tensors
+(``vlmoe.train.adapters``), then the trainer. Every committed checkpoint carries the adapter and
+head (``adapter/``), published as RUN_DIR/adapter. Nothing here is specific to a task: the task
+(``vlmoe.tasks``) brings data, head, loss and metrics.
 """
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Optional
-
-import torch
-from torch import nn
 
 import smola
 from vlmoe import zero3
 from vlmoe.config import ConfigError, RunConfig
-from vlmoe.data.images import image_to_tensor
-from vlmoe.data.loader import SUBSET_DIRS, DataDirError, StepBatches, check_data_dir
-from vlmoe.model.classifier import HFImageClassifier, ImageClassifier
-from vlmoe.model.config import ModelConfig
-from vlmoe.model.multiway import MultiwayTransformer
-from vlmoe.moe import MoEConfig, freeze_moe, moe_layers
-from vlmoe.moe.expert_checkpoint import load_experts
-from vlmoe.moe.tutel_dispatch import tutel_installed
-from vlmoe.data.masking import IGNORE_INDEX
-from vlmoe.train.checkpoint import EXPERTS_FILE, CheckpointError, load_module_weights
-from vlmoe.train.distributed import DistInfo
-from vlmoe.train.pretrain import MODEL_CONFIG_FILE, build_pretraining_model
+from vlmoe.data import task_data
+from vlmoe.data.loader import StepBatches
+from vlmoe.data.task_data import DataSpec, TaskSplit
+from vlmoe.moe import collect_aux_loss, collect_metrics, moe_layers
+from vlmoe.tasks import get_task
+from vlmoe.tasks.base import DownstreamTask, TaskInputs, count_tokens
+from vlmoe.train.adapters import add_method, train_head
+from vlmoe.train.base_model import Base, load_hf_image_classifier, load_multiway_base
+from vlmoe.train.distributed import DistInfo, barrier
+from vlmoe.train.export import ADAPTER_DIR, MODEL_WEIGHTS_FILE, export_adapter, load_adapter_export
 from vlmoe.train.trainer import Task
 
-ADAPTER_DIR = "adapter"
-HEAD_FILE = "task_head.safetensors"
+BASE_FILE = "base.json"
 
 
-def load_pretrained_backbone(run_dir: str | Path, ds_config: Optional[dict] = None) -> MultiwayTransformer:
-    """The backbone of a vlmoe pretraining run, with its last committed weights; under ZeRO-3
-    (per ``ds_config``) built partitioned, then loaded one submodule at a time."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / MODEL_CONFIG_FILE
-    if not config_path.is_file():
-        raise ConfigError(f"config key 'finetune.base_run': '{config_path}' not found (is '{run_dir}' a vlmoe "
-                          f"pretraining run?)")
-    record = json.loads(config_path.read_text(encoding="utf-8"))
-    model_cfg = ModelConfig.from_dict(record["model"])
-    moe_cfg = MoEConfig.from_dict(_moe_record_here(record["moe"], run_dir)) if record.get("moe") else None
-    with zero3.partitioned_construction(ds_config):
-        pretrained = build_pretraining_model(model_cfg, moe_cfg, world_size=1)
-    try:
-        tag_dir = load_module_weights(pretrained, run_dir / "checkpoints", strict=moe_cfg is None)
-        if moe_cfg is not None:
-            load_experts(pretrained, tag_dir / EXPERTS_FILE)
-    except (CheckpointError, FileNotFoundError) as exc:
-        raise ConfigError(f"config key 'finetune.base_run': {exc}") from exc
-    if moe_cfg is not None:
-        freeze_moe(pretrained)  # routers and experts stay frozen in fine-tuning (VL-MoE, ST-MoE)
-    return pretrained.backbone
-
-
-def _moe_record_here(moe: dict, run_dir: Path) -> dict:
-    """A pretraining run's MoE settings for the frozen base here: one rank holds every expert,
-    and tutel's dispatch, an execution choice that the weights do not depend on, falls back to
-    ours where tutel is not installed (the two agree: tests/test_moe_tutel.py)."""
-    moe = {**moe, "ep_size": 1}
-    if moe.get("backend") == "tutel" and not tutel_installed():
-        warnings.warn(f"{run_dir} was pretrained with tutel's dispatch; tutel is not installed here, so the frozen "
-                      "MoE layers dispatch with ours (same routing and outputs)", RuntimeWarning, stacklevel=3)
-        moe["backend"] = "ours"
-    return moe
-
-
-def load_hf_classifier(path: str, num_classes: int, ds_config: Optional[dict] = None) -> nn.Module:
-    """A transformers image classifier: pretrained from a local directory (a head of another size
-    starts fresh), or random from a config.json.
-
-    Under ZeRO-3 (per ``ds_config``) transformers builds it partitioned, initialises it on
-    gathered weights and loads pretrained weights one module at a time.
-    """
-    from transformers import AutoConfig, AutoModelForImageClassification
-
-    source = Path(path)
-    if not source.exists():
-        raise ConfigError(f"config key 'finetune.hf_model': '{source}' does not exist")
-    config = AutoConfig.from_pretrained(str(source), num_labels=num_classes)
-    weights = [] if source.is_file() else sorted(source.glob("*.safetensors"))
-    pretrained = bool(weights) or source.is_dir() and any(source.glob("*.bin"))
-    state = _without_mismatched_head(weights, config) if weights else None
-    with zero3.hf_partitioning(ds_config):
-        if not pretrained:
-            return AutoModelForImageClassification.from_config(config)
-        if state is None:
-            return AutoModelForImageClassification.from_pretrained(str(source), config=config,
-                                                                  ignore_mismatched_sizes=True)
-        # transformers takes a state dict only without a path, through the concrete class
-        model_class = AutoModelForImageClassification._model_mapping[type(config)]
-        return model_class.from_pretrained(None, config=config, state_dict=state)
-
-
-def _without_mismatched_head(weights: list[Path], config) -> Optional[dict[str, torch.Tensor]]:
-    """The pretrained tensors without those whose shape our model does not have (a head for
-    another number of classes), or None if all fit. transformers' ZeRO-3 loading assumes an
-    exact fit and ignores ignore_mismatched_sizes, so the head is left out here, for every stage."""
-    from safetensors import safe_open
-    from transformers import AutoModelForImageClassification
-
-    with torch.device("meta"):  # shapes only (outside zero.Init, which would partition it)
-        shapes = {k: tuple(v.shape) for k, v in AutoModelForImageClassification.from_config(config).state_dict().items()}
-    mismatched: set[str] = set()
-    for file in weights:
-        with safe_open(str(file), "pt") as f:
-            mismatched |= {k for k in f.keys() if k in shapes and tuple(f.get_slice(k).get_shape()) != shapes[k]}
-    if not mismatched:
-        return None
-    from safetensors.torch import load_file
-
-    return {k: v for file in weights for k, v in load_file(str(file)).items() if k not in mismatched}
-
-
-def adapter_config(cfg: RunConfig):
+def data_spec(cfg: RunConfig) -> DataSpec:
     f = cfg.finetune
-    try:
-        if f.method == "smola":
-            return smola.SMoLAConfig(**f.smola)
-        if f.method == "lora":
-            return smola.LoRAConfig(**f.lora)
-        return smola.FullConfig()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config section 'finetune.{f.method}': {exc}") from exc
+    return DataSpec(entries=tuple(str(e) for e in f.data), max_items_per_source=f.max_items_per_source,
+                    val_fraction=f.val_fraction)
 
 
-def _head(model: nn.Module) -> list[nn.Module]:
-    """The task head's modules: trained by every method, saved with the adapter."""
-    if isinstance(model, ImageClassifier):
-        return [model.pool_norm, model.classifier]
-    return [model.model.classifier]
+def load_task_data(cfg: RunConfig, task: DownstreamTask, info: DistInfo) -> dict[str, TaskSplit]:
+    """The task's splits, built first where missing (by local rank 0 of each node; the others wait)."""
+    spec = data_spec(cfg)
+    out = task_data.data_dir_for(cfg.data.dir, task.name, spec)
+    if info.local_rank == 0:
+        task_data.build(out, task.name, task.records, spec, verbose=info.is_main)
+    barrier()
+    return task_data.load(out)
 
 
-def build_classifier(cfg: RunConfig, num_classes: int, ds_config: Optional[dict] = None) -> tuple[nn.Module, int, int]:
-    """(task model, image size, tokens per image); under ZeRO-3 (per ``ds_config``) built partitioned."""
+def _usable(task: DownstreamTask, splits: dict[str, TaskSplit], inputs: TaskInputs, is_main: bool
+            ) -> dict[str, TaskSplit]:
+    """Leave out the rows the vocabulary cannot use (counted, printed); an emptied split is an error."""
+    out = {}
+    for name, split in splits.items():
+        reasons = [task.unusable(row, name, inputs) for row in split.examples]
+        kept = [i for i, reason in enumerate(reasons) if reason is None]
+        if len(kept) < len(reasons):
+            counts: dict[str, int] = {}
+            for reason in filter(None, reasons):
+                counts[reason] = counts.get(reason, 0) + 1
+            if is_main:
+                print(f"{task.name} {name}: left out {counts}", flush=True)
+            if not kept:
+                raise ConfigError(f"task '{task.name}': no usable example in the {name} split ({counts})")
+            split = TaskSplit(split.examples.select(kept), split.images)
+        out[name] = split
+    return out
+
+
+def load_base(cfg: RunConfig, task: DownstreamTask, vocab: dict, ds_config: Optional[dict]) -> Base:
     f = cfg.finetune
-    if f.hf_model is None and f.base_run is None:
-        raise ConfigError("config section 'finetune': set base_run (a vlmoe pretraining run) or hf_model")
     if f.hf_model is not None:
-        hf = load_hf_classifier(f.hf_model, num_classes, ds_config)
-        size, patch = int(hf.config.image_size), int(getattr(hf.config, "patch_size", hf.config.image_size))
-        return HFImageClassifier(hf), size, (size // patch) ** 2 + 1
-    backbone = load_pretrained_backbone(f.base_run, ds_config)
+        if not hasattr(task, "wrap_hf_model"):
+            raise ConfigError(f"config key 'finetune.hf_model': task '{task.name}' needs a vlmoe multiway base "
+                              f"(finetune.base_run); Hugging Face models serve image_classification")
+        return load_hf_image_classifier(f.hf_model, len(vocab["labels"]), ds_config)
+    if f.base_run is None:
+        raise ConfigError("config section 'finetune': set base_run (a vlmoe pretraining run) or hf_model")
+    return load_multiway_base(f.base_run, ds_config, router_noise=f.moe_router_noise, aux_loss=f.moe_aux_loss)
+
+
+def base_identity(base: Base) -> dict:
+    """What a base is, independent of where it lies: its model and MoE settings, the step it was
+    exported at and the size of its weights (a Hugging Face base: its path)."""
+    if "hf_model" in base.record:
+        return {"hf_model": base.record["hf_model"]}
+    weights = Path(base.record["model_dir"]) / MODEL_WEIGHTS_FILE
+    return {"model": base.record["model"], "moe": base.record.get("moe"), "step": base.record.get("step"),
+            "weights_bytes": weights.stat().st_size}
+
+
+def check_same_base(run_dir: Path, base: Base, is_main: bool) -> None:
+    """A run resumes and is evaluated on the base it started from: RUN_DIR/base.json records it."""
+    path = run_dir / BASE_FILE
+    identity = base_identity(base)
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded != identity:
+            changed = sorted(k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k))
+            raise ConfigError(f"the base changed since {run_dir} started ({', '.join(changed)}: "
+                              f"{[recorded.get(k) for k in changed]} -> {[identity.get(k) for k in changed]}); "
+                              f"fine-tune the new base into another run_dir")
+    elif is_main:
+        path.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+
+
+def named_task(cfg: RunConfig) -> DownstreamTask:
+    """``finetune.task`` from the registry; an unknown name is an error listing the tasks."""
+    try:
+        return get_task(cfg.finetune.task)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'finetune.task': {exc}") from exc
+
+
+def build_finetune_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict] = None,
+                        adapter_dir: Optional[Path] = None) -> Task:
+    """The fine-tuning Task; ``adapter_dir`` (evaluation) loads an exported adapter and head
+    instead of adding the configured method."""
+    task = named_task(cfg)
+    splits = load_task_data(cfg, task, info)
+    vocab = task.vocabulary(splits["train"], cfg.finetune.max_answers)
+    base = load_base(cfg, task, vocab, ds_config)
+    if task.uses_text and base.text_tokenizer is None:
+        raise ConfigError(f"task '{task.name}' reads text, and the base has no text tokenizer")
+    check_same_base(Path(cfg.run_dir), base, info.is_main)
+    inputs = TaskInputs.create(base.text_tokenizer, base.image_size, base.max_text_len, vocab)
+    splits = _usable(task, splits, inputs, info.is_main)
+
     with zero3.partitioned_construction(ds_config):
-        model = ImageClassifier(backbone, num_classes)
-    return model, backbone.cfg.image_size, backbone.cfg.num_patches + 1
-
-
-def adapter_target(model: nn.Module) -> nn.Module:
-    """The module adapters go into: the backbone, not the task head."""
-    return model.backbone if isinstance(model, ImageClassifier) else model.model
-
-
-def add_method(cfg: RunConfig, model: nn.Module) -> None:
-    """Freeze the base, add the method's trainable tensors; the task head always trains."""
-    target = adapter_target(model)
-    if cfg.finetune.generalist is not None:
-        generalist = Path(cfg.finetune.generalist) / ADAPTER_DIR
-        if not generalist.is_dir():
-            raise ConfigError(f"config key 'finetune.generalist': no adapter in '{generalist}'")
-        smola.load_adapter(target, generalist)
-        _load_head(model, generalist)
-    config = adapter_config(cfg)
-    if moe_layers(target) and not isinstance(config, smola.FullConfig):
-        # routers stay as pretrained: an adapter on a router would re-route the frozen experts
-        config.exclude_modules = [*config.exclude_modules, "router"] if isinstance(config.exclude_modules, list) \
-            else f"(?:{config.exclude_modules})|.*\\.router"
-    smola.inject(target, config)
-    freeze_moe(target)  # full fine-tuning too: MoE routers and experts stay frozen (VL-MoE, ST-MoE)
-    for module in _head(model):
-        module.requires_grad_(True)
-
-
-def _load_head(model: nn.Module, adapter_dir: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(adapter_dir / HEAD_FILE))
-    for i, module in enumerate(_head(model)):
-        zero3.load_state_dict(module, {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}.")},
-                              source=str(adapter_dir / HEAD_FILE))
-
-
-def export_adapter(model: nn.Module, out_dir: Path, is_main: bool) -> None:
-    """Write the adapter and the task head, gathered from ZeRO-3 partitions. Collective."""
-    from safetensors.torch import save_file
-
-    import deepspeed
-
-    target = adapter_target(model)
-    adapter = smola.adapter_parameters(target)
-    head = {f"{i}.{n}": p for i, m in enumerate(_head(model)) for n, p in m.named_parameters()}
-    params = list(adapter.values()) + list(head.values())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if is_main:
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            smola.save_adapter(target, tmp, state_dict={n: p.detach().cpu().clone() for n, p in adapter.items()})
-            save_file({n: p.detach().cpu().clone().contiguous() for n, p in head.items()}, str(tmp / HEAD_FILE))
-            _replace_dir(tmp, out_dir)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    import shutil
-
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_finetuned(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """A fine-tuned model rebuilt on one process: the base, then the run's exported adapter and head."""
-    model, _, _ = build_classifier(cfg, num_classes)
-    target = adapter_target(model)
-    adapter = Path(cfg.run_dir) / ADAPTER_DIR
-    smola.load_adapter(target, adapter)  # the whole stack: a specialist's file holds its generalist too
-    _load_head(model, adapter)
-    return model.eval()
-
-
-def _class_names(dataset) -> list[str]:
-    return sorted({name for name in dataset["label_name"] if name})
-
-
-def build_finetune_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict] = None) -> Task:
-    batch = cfg.data.image_batch
-    if batch <= 0:
-        raise ConfigError("config key 'data.image_batch' must be > 0 for image classification")
-    root = check_data_dir(cfg.data.dir, ["image"])
-    splits = _load_images(root)
-    classes = _class_names(splits["train"])
-    if len(classes) < 2:
-        raise DataDirError(f"'{root / SUBSET_DIRS['image']}' has {len(classes)} labelled class(es); "
-                           f"image classification needs at least 2")
-    index = {name: i for i, name in enumerate(classes)}
-    splits = {name: ds.filter(lambda n: n in index, input_columns="label_name") for name, ds in splits.items()}
-
-    model, image_size, tokens_per_image = build_classifier(cfg, len(classes), ds_config)
+        model = task.wrap_hf_model(base.module) if cfg.finetune.hf_model else task.build_model(base.module, inputs)
     base_share = zero3.local_fraction(model)
-    add_method(cfg, model)  # adapters are built whole; deepspeed.initialize partitions them
+    if adapter_dir is None:
+        add_method(cfg, model)  # adapters are built whole; deepspeed.initialize partitions them
+    else:
+        load_adapter_export(model, adapter_dir)
+        train_head(model)
     if info.is_main:
-        print(f"finetune {cfg.finetune.method}: {smola.trainable_parameters(model)}; "
+        print(f"finetune {task.name} {cfg.finetune.method}: {smola.trainable_parameters(model)}; "
               f"rank 0 holds {100 * base_share:.1f}% of the base", flush=True)
 
-    def load_example(subset: str, row: dict) -> dict:
-        return {"pixels": image_to_tensor(row["image"], image_size), "label": index[row["label_name"]]}
+    batch = cfg.data.batch_size
+    train, validation = splits["train"], splits["validation"]
 
-    def collate(examples: dict, step: int, rank: int) -> dict:
-        rows = examples["image"]
-        return {"pixels": torch.stack([r["pixels"] for r in rows]),
-                "labels": torch.tensor([r["label"] if r["valid"] else IGNORE_INDEX for r in rows], dtype=torch.long)}
+    def batches(datasets: dict, split: TaskSplit, length: Optional[int]) -> StepBatches:
+        return StepBatches(datasets, {name: batch for name in datasets}, rank=info.rank, world_size=info.world_size,
+                           seed=cfg.seed, length=length,
+                           load_example=lambda subset, row: task.load_subset_example(split, subset, row, inputs),
+                           collate=lambda examples, step, rank: task.collate_subsets(examples, inputs, step, rank))
 
-    def batches(split: str, length: Optional[int]) -> StepBatches:
-        return StepBatches({"image": splits[split]}, {"image": batch}, rank=info.rank, world_size=info.world_size,
-                           seed=cfg.seed, load_example=load_example, collate=collate, length=length)
-
-    run_dir = Path(cfg.run_dir)
-    return Task(model=model, train_batches=batches("train", cfg.train.steps * cfg.train.grad_accum),
-                eval_batches=batches("validation", None),  # accuracy over the whole split
-                count_tokens=lambda b: b["pixels"].shape[0] * tokens_per_image, exclude_frozen=True,
-                export=lambda module: export_adapter(module, run_dir / ADAPTER_DIR, info.is_main))
-
-
-def _load_images(root: Path) -> dict:
-    import datasets
-
-    path = root / SUBSET_DIRS["image"]
-    dataset = datasets.load_from_disk(str(path))
-    for split in ("train", "validation"):
-        if split not in dataset or len(dataset[split]) == 0:
-            raise DataDirError(f"'{path}' has no (or an empty) '{split}' split")
-    return {"train": dataset["train"], "validation": dataset["validation"]}
+    layers = moe_layers(model)
+    task_info = {"task": task.name, "vocab": vocab, "main_metric": task.main_metric, "base": base.record,
+                 "data": list(data_spec(cfg).entries or task.records.default)}
+    return Task(
+        model=model,
+        train_batches=batches({"examples": task.training_split(train)}, train,
+                              cfg.train.steps * cfg.train.grad_accum),
+        eval_batches=batches(task.eval_datasets(validation, cfg.data.eval_max_examples), validation, None),
+        count_tokens=lambda b: count_tokens(b, base.tokens_per_image),
+        exclude_frozen=True,
+        export=lambda module, tag_dir, step: export_adapter(module, tag_dir / ADAPTER_DIR, task_info, info.is_main),
+        export_name=ADAPTER_DIR,
+        extra_loss=collect_aux_loss if layers and cfg.finetune.moe_aux_loss else None,
+        extra_metrics=collect_metrics if layers else None,
+        evaluate_outputs=task.evaluate if task.evaluates_outputs else None,
+        main_metric=task.main_metric,
+        lower_is_better=False,
+        baseline=task.trivial_baseline(train, validation, inputs, cfg.data.eval_max_examples),
+    )
 
 
 def finetune(cfg: RunConfig) -> Path:
     from vlmoe.train.trainer import run
 
-    return run(cfg, build_finetune_task)
+    named_task(cfg)  # before any process group or data: a typo costs nothing
+    return run(cfg, build_finetune_task, "finetune")

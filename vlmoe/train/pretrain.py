@@ -1,7 +1,11 @@
-"""Masked data modeling pretraining (MLM, MIM, VLM) as a Task for the one trainer."""
+"""Masked data modeling pretraining (MLM, MIM, VLM) as a Task for the one trainer.
+
+Every committed checkpoint carries the whole model as ``model/`` (config, weights with whole
+expert pools, the tokenizers), published as RUN_DIR/model: the base of fine-tuning and of
+``vlmoe eval``, whatever the ZeRO stage, EP size and world size of the run.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,17 +14,24 @@ import torch
 from vlmoe.config import ConfigError, RunConfig, moe_config
 from vlmoe.data.collate import PretrainCollator
 from vlmoe.data.images import image_to_tensor
-from vlmoe.data.loader import (SUBSET_DIRS, TEXT_TOKENIZER_FILE, VISUAL_TOKENIZER_FILE, DataDirError, StepBatches,
-                               check_data_dir)
+from vlmoe.data.loader import (
+    SUBSET_DIRS,
+    TEXT_TOKENIZER_FILE,
+    VISUAL_TOKENIZER_FILE,
+    DataDirError,
+    StepBatches,
+    check_data_dir,
+)
 from vlmoe.data.text_tokenizer import TextTokenizer
 from vlmoe.data.visual_tokenizer import load_visual_tokenizer
 from vlmoe.model.config import ModelConfig, model_config
 from vlmoe.model.pretraining import VLMoEForPretraining
+from vlmoe.moe import collect_aux_loss, collect_metrics
 from vlmoe.train.distributed import DistInfo
+from vlmoe.train.export import MODEL_DIR, export_model, load_model_weights
 from vlmoe.train.trainer import Task
 from vlmoe.zero3 import partitioned_construction, zero3_enabled
 
-MODEL_CONFIG_FILE = "model_config.json"
 # fields of the model that come from the prepared data, not from the config
 DERIVED_FIELDS = ("vocab_size", "codebook_size")
 
@@ -58,7 +69,9 @@ def count_tokens(batch: dict) -> int:
     return tokens
 
 
-def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict] = None) -> Task:
+def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict] = None,
+                        model_dir: Optional[Path] = None) -> Task:
+    """The pretraining Task; ``model_dir`` (evaluation) loads an exported model's weights."""
     moe_cfg = moe_config(cfg)
     if moe_cfg is not None and not moe_cfg.freeze and zero3_enabled(ds_config):
         # DeepSpeed reduces a ZeRO-3 leaf module's gradients once per call of the module, and
@@ -93,15 +106,24 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
         return StepBatches(datasets, sizes, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                            load_example=load_example, collate=collator, length=length)
 
-    if info.is_main:  # what `vlmoe finetune` rebuilds the backbone from
-        record = {"model": model_cfg.to_dict(), "moe": moe_cfg.to_dict() if moe_cfg else None}
-        (Path(cfg.run_dir) / MODEL_CONFIG_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
     total_micro_steps = cfg.train.steps * cfg.train.grad_accum
     with partitioned_construction(ds_config):
         model = build_pretraining_model(model_cfg, moe_cfg, info.world_size)
+    if model_dir is not None:
+        load_model_weights(model, model_dir)
+    # what `vlmoe finetune` and `vlmoe eval` rebuild the model from
+    record = {"model": model_cfg.to_dict(), "moe": moe_cfg.to_dict() if moe_cfg else None}
+    tokenizers = [root / name for name in (TEXT_TOKENIZER_FILE, VISUAL_TOKENIZER_FILE) if (root / name).is_file()]
+
+    def export(module: torch.nn.Module, tag_dir: Path, step: int) -> None:
+        export_model(module, tag_dir / MODEL_DIR, {**record, "step": step}, tokenizers, info.is_main)
+
+    sparse = moe_cfg is not None
     return Task(model=model,
                 train_batches=batches("train", total_micro_steps),
-                eval_batches=batches("validation", cfg.data.eval_batches), count_tokens=count_tokens)
+                eval_batches=batches("validation", cfg.data.eval_batches), count_tokens=count_tokens,
+                export=export, export_name=MODEL_DIR,
+                extra_loss=collect_aux_loss if sparse else None, extra_metrics=collect_metrics if sparse else None)
 
 
 def build_pretraining_model(model_cfg: ModelConfig, moe_cfg, world_size: int) -> VLMoEForPretraining:
@@ -133,4 +155,4 @@ def pretrain(cfg: RunConfig) -> Path:
     from vlmoe.train.trainer import run
 
     torch.set_float32_matmul_precision("high")
-    return run(cfg, build_pretrain_task)
+    return run(cfg, build_pretrain_task, "pretrain")

@@ -2,14 +2,16 @@
 
 Read top to bottom: join the job, set up the run directory, build the task (data and
 model), wrap it in a DeepSpeed engine, resume from the last committed checkpoint, then
-step / log / evaluate / save until ``train.steps``.
+step / log / evaluate / save until ``train.steps``. An evaluation that improves the task's
+main metric also saves, and that checkpoint is committed as ``checkpoints/best``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,7 +19,7 @@ import torch
 
 from vlmoe.config import ConfigError, RunConfig, dump_config, merge_dicts, moe_config
 from vlmoe.data.loader import StepBatches, iterate, to_device
-from vlmoe.moe import collect_aux_loss, collect_metrics, moe_layers
+from vlmoe.moe import moe_layers
 from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
 from vlmoe.train import checkpoint
 from vlmoe.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
@@ -27,12 +29,22 @@ from vlmoe.train.schedule import lr_at
 
 @dataclass
 class Task:
-    """What a command trains: the model and its batches.
+    """What a command trains: the model, its batches, and its hooks.
 
-    ``model(batch)`` returns a dict with "loss" and any scalar metrics to log (MoE layers'
-    aux losses and routing metrics are added by the trainer).
+    ``model(batch)`` returns a dict with "loss" and any scalar metrics to log ("num_examples"
+    weighs evaluation batches).
+    ``extra_loss(model)``: a term added to each micro-batch's loss after its forward (the MoE
+    layers' auxiliary losses), logged as "aux_loss".
+    ``extra_metrics(model)``: metrics gathered during forward passes and read at log steps and
+    after each evaluation (MoE routing statistics).
+    ``evaluate_outputs(outputs, device)``: validation metrics from the model's outputs over this
+    rank's share of the evaluation pass, where batch means are not the metric (retrieval); collective.
+    ``main_metric``: the validation metric (higher is better, or lower when ``lower_is_better``)
+    whose best value commits ``checkpoints/best``.
     ``exclude_frozen``: checkpoints leave out frozen parameters (they come from the base).
-    ``export(model)`` runs on every rank after each committed checkpoint (e.g. adapter files).
+    ``export(model, directory, step)``: writes the run's portable weights (an adapter, or the
+    whole model) into a checkpoint before it is committed; collective. The newest is published as RUN_DIR/<export_name>.
+    ``baseline``: metrics of a trivial predictor, logged at step 0 (majority class, chance).
     """
 
     model: torch.nn.Module
@@ -40,7 +52,14 @@ class Task:
     eval_batches: Optional[StepBatches]
     count_tokens: Callable[[dict], int]
     exclude_frozen: bool = False
-    export: Optional[Callable[[torch.nn.Module], None]] = None
+    export: Optional[Callable[[torch.nn.Module, Path, int], None]] = None
+    export_name: Optional[str] = None
+    extra_loss: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None
+    extra_metrics: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None
+    evaluate_outputs: Optional[Callable[[list[dict], torch.device], dict[str, float]]] = None
+    main_metric: str = "loss"
+    lower_is_better: bool = True
+    baseline: dict = field(default_factory=dict)
 
 
 def _seed_step(seed: int, step: int, micro: int, rank: int) -> None:
@@ -110,31 +129,43 @@ def _scalars(out: dict) -> dict[str, float]:
             if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))}
 
 
-def _forward(engine, batch: dict, info: DistInfo, moe: bool) -> dict:
+def _forward(engine, batch: dict, info: DistInfo, task: Task) -> dict:
     out = engine(to_device(batch, info.device, _dtype(engine)))
-    if moe:  # the balancing terms of this micro-batch's routing
-        out["aux_loss"] = collect_aux_loss(engine.module)
+    if task.extra_loss is not None:
+        out["aux_loss"] = task.extra_loss(engine.module)
         out["loss"] = out["loss"] + out["aux_loss"]
     return out
 
 
 @torch.no_grad()
-def evaluate(engine, batches: StepBatches, info: DistInfo) -> dict[str, float]:
-    """The model's scalar outputs over all of ``batches``, averaged over batches and ranks,
-    each batch weighted by its "num_examples" output where the model gives one."""
+def evaluate(engine, task: Task, info: DistInfo) -> dict[str, float]:
+    """Validation metrics over all of ``task.eval_batches``, named "val/...": the task's own
+    (``evaluate_outputs``), or the model's scalar outputs averaged over batches and ranks, each
+    batch weighted by its "num_examples" output where the model gives one."""
     engine.eval()
     sums: dict[str, float] = {}
-    moe = bool(moe_layers(engine.module))
-    for batch in iterate(batches, 0, 0):
-        out = _scalars(_forward(engine, batch, info, moe))
-        weight = out.pop("num_examples", 1.0)
-        for key, value in {**out, "num_examples": 1.0}.items():
+    outputs: list[dict] = []
+    counted = "num_batches"
+    for batch in iterate(task.eval_batches, 0, 0):
+        out = _forward(engine, batch, info, task)
+        if task.evaluate_outputs is not None:
+            outputs.append({k: v.detach() for k, v in out.items() if torch.is_tensor(v)})
+            continue
+        scalars = _scalars(out)
+        if "num_examples" in scalars:
+            counted = "num_examples"
+        weight = scalars.pop("num_examples", 1.0)
+        for key, value in {**scalars, "num_examples": 1.0}.items():
             sums[key] = sums.get(key, 0.0) + value * weight
-    totals = all_reduce_mean(sums, info.device)  # means of sums: the common factor cancels below
-    count = totals.pop("num_examples")
-    values = {k: v / count for k, v in totals.items()}
-    if moe:  # routing at the evaluation capacity factor
-        values.update(all_reduce_mean(collect_metrics(engine.module), info.device))
+    if task.evaluate_outputs is not None:
+        values = task.evaluate_outputs(outputs, info.device)
+    else:
+        totals = all_reduce_mean(sums, info.device)  # means of sums: the common factor cancels below
+        count = totals.pop("num_examples")
+        values = {k: v / count for k, v in totals.items()}
+        values[counted] = round(count * info.world_size)  # examples (or batches) over all ranks
+    if task.extra_metrics is not None:  # e.g. routing at the evaluation capacity factor
+        values.update(all_reduce_mean(task.extra_metrics(engine.module), info.device))
     engine.train()
     _forget_zero3_trace(engine)
     return {f"val/{k}": v for k, v in values.items()}
@@ -154,15 +185,51 @@ def _forget_zero3_trace(engine) -> None:
         offload.get_param_coordinator()._invalidate_trace()
 
 
-def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task]) -> Path:
+RUN_INFO_FILE = "run.json"
+
+
+@dataclass
+class EngineSetup:
+    """A task's model in its DeepSpeed engine, and what saving and loading its checkpoints need."""
+
+    engine: object
+    zero_stage: int
+    topology: dict
+    experts_file: bool  # experts go to their own EP-independent file, unless frozen ones come from the base
+    moe: bool
+
+
+def build_engine(cfg: RunConfig, task: Task, info: DistInfo, ds_config: dict) -> EngineSetup:
+    """Wrap the task's model in a DeepSpeed engine (expert parallelism and ZeRO as configured)."""
+    import deepspeed
+
+    zero_stage = ds_config["zero_optimization"].get("stage", 0)
+    groups = param_groups(task.model, cfg.train.weight_decay)
+    layers = moe_layers(task.model)
+    trainable_experts = any(p.requires_grad for layer in layers for p in layer.experts.parameters())
+    if layers:  # expert grads reduce within their expert-data-parallel group only
+        prepare_for_deepspeed(task.model, zero_stage)
+        groups = moe_param_groups(groups)
+    engine, _, _, _ = deepspeed.initialize(model=task.model, model_parameters=groups, config=ds_config)
+    checkpoint.install_safe_loading(engine)
+    return EngineSetup(engine, zero_stage, {"world_size": info.world_size, "ep_size": _ep_size(cfg)},
+                       experts_file=bool(layers) and (trainable_experts or not task.exclude_frozen), moe=bool(layers))
+
+
+def _improves(value: Optional[float], best: Optional[float], lower_is_better: bool) -> bool:
+    if value is None or value != value:  # absent or NaN
+        return False
+    return best is None or (value < best if lower_is_better else value > best)
+
+
+def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task], command: str) -> Path:
     """Train ``build_task``'s task under ``cfg``; resumes if the run directory has a checkpoint.
 
     ``build_task(cfg, info, ds_config)`` builds its model inside
     ``vlmoe.zero3.partitioned_construction(ds_config)`` (``hf_partitioning`` for Hugging Face
     models) and loads weights outside it, so that under ZeRO-3 no rank holds the model whole.
+    ``command`` ("pretrain", "finetune") is recorded in RUN_DIR/run.json for ``vlmoe eval``.
     """
-    import deepspeed
-
     info = init_distributed(cfg.train.dist_timeout_s, shm_comm=cfg.train.shm_comm)
     _check_precision(cfg.train.precision)
     run_dir = Path(cfg.run_dir)
@@ -170,35 +237,28 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task])
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
+        (run_dir / RUN_INFO_FILE).write_text(json.dumps({"command": command}) + "\n", encoding="utf-8")
     barrier()
 
     ds_config = deepspeed_config(cfg, info.world_size)
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, on any launcher
     task = build_task(cfg, info, ds_config)
-    t = cfg.train
-    zero_stage = ds_config["zero_optimization"].get("stage", 0)
-    groups = param_groups(task.model, t.weight_decay)
-    layers = moe_layers(task.model)
-    moe = bool(layers)
-    # experts go to their own EP-independent file, unless frozen ones come from the base run
-    trainable_experts = any(p.requires_grad for layer in layers for p in layer.experts.parameters())
-    experts_file = moe and (trainable_experts or not task.exclude_frozen)
-    if moe:  # expert grads reduce within their expert-data-parallel group only
-        prepare_for_deepspeed(task.model, zero_stage)
-        groups = moe_param_groups(groups)
-    engine, _, _, _ = deepspeed.initialize(model=task.model, model_parameters=groups, config=ds_config)
-    checkpoint.install_safe_loading(engine)
-    topology = {"world_size": info.world_size, "ep_size": _ep_size(cfg)}
+    setup = build_engine(cfg, task, info, ds_config)
+    engine, t = setup.engine, cfg.train
 
     start_step = 0
     tag = checkpoint.committed_tag(ckpt_dir)
     if tag is not None:
-        start_step = checkpoint.load(engine, ckpt_dir, tag, strict=not (task.exclude_frozen or moe),
-                                     topology=topology, experts=experts_file)["step"]
+        start_step = checkpoint.load(engine, ckpt_dir, tag, strict=not (task.exclude_frozen or setup.moe),
+                                     topology=setup.topology, experts=setup.experts_file)["step"]
         if info.is_main:
             print(f"resuming from {ckpt_dir / tag} at step {start_step}", flush=True)
+    main_key = f"val/{task.main_metric}"
+    best = (checkpoint.best_state(ckpt_dir) or {}).get("val", {}).get(main_key)
 
     log = MetricsLog(run_dir, start_step, enabled=info.is_main)
+    if start_step == 0 and task.eval_batches is not None and t.eval_at_start:  # the untrained head
+        log.log(0, {**{f"baseline/{k}": v for k, v in task.baseline.items()}, **evaluate(engine, task, info)})
     progress = _progress_bar(cfg, start_step, info)
     batches = iterate(task.train_batches, start_step * t.grad_accum, cfg.data.num_workers)
     window_start, window_tokens = time.perf_counter(), 0
@@ -212,16 +272,17 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task])
             _seed_step(cfg.seed, step, micro, info.rank)
             batch = next(batches)
             window_tokens += task.count_tokens(batch)
-            out = _forward(engine, batch, info, moe)
+            out = _forward(engine, batch, info, task)
             engine.backward(out["loss"])
             engine.step()
             for key, value in _scalars(out).items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + value / t.grad_accum
+        step_metrics.pop("num_examples", None)
 
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
-            if moe:
-                step_metrics.update(collect_metrics(engine.module))
+            if task.extra_metrics is not None:
+                step_metrics.update(task.extra_metrics(engine.module))
             elapsed = time.perf_counter() - window_start
             step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
             values = all_reduce_mean(step_metrics, info.device)
@@ -230,14 +291,19 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task])
             log.log(done, values)
             progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
+        val: dict[str, float] = {}
         if task.eval_batches is not None and (done % t.eval_every == 0 or done == t.steps):
-            log.log(done, evaluate(engine, task.eval_batches, info))
-        if done % t.save_every == 0 or done == t.steps:
-            checkpoint.save(engine, ckpt_dir, done, {"step": done, **topology}, rank=info.rank,
-                            world_size=info.world_size, zero_stage=zero_stage, keep=t.keep_checkpoints,
-                            exclude_frozen=task.exclude_frozen, experts=experts_file)
-            if task.export is not None:
-                task.export(engine.module)
+            val = evaluate(engine, task, info)
+            log.log(done, val)
+        improved = _improves(val.get(main_key), best, task.lower_is_better)
+        if done % t.save_every == 0 or done == t.steps or improved:
+            export = None if task.export is None else partial(task.export, engine.module, step=done)
+            checkpoint.save(engine, ckpt_dir, done, {"step": done, **setup.topology, "val": val}, rank=info.rank,
+                            world_size=info.world_size, zero_stage=setup.zero_stage, keep=t.keep_checkpoints,
+                            exclude_frozen=task.exclude_frozen, experts=setup.experts_file, export=export,
+                            export_name=task.export_name, best=improved)
+        if improved:
+            best = val[main_key]
         progress.update(1)
 
     progress.close()
