@@ -284,6 +284,13 @@ def test_user_files_of_the_other_tasks(tmp_path):
     assert splits["validation"].examples["label"] == ["2"]  # an int label is kept as its name
     assert report["skipped"]["missing field 'hypothesis'"]["count"] == 1
 
+    classes = [{"image": names[6], "label": 3, "split": "train"}, {"image": names[7], "label": "3", "split": "validation"},
+               {"image": names[5], "label": None, "split": "train"}]
+    (tmp_path / "c").mkdir()
+    report, splits = _build_user(tmp_path / "c", "image_classification", classes)
+    assert splits["train"].examples["label"] == ["3"] == splits["validation"].examples["label"]
+    assert report["skipped"]["missing field 'label'"]["count"] == 1
+
 
 def test_image_folder_classification_and_empty_split_error(tmp_path):
     for label in ("cats", "dogs"):

@@ -13,6 +13,7 @@ from typing import Optional
 
 from vlmoe.config import UsageError, load_config
 from vlmoe.data.sources import DataError
+from vlmoe.train.distributed import shutdown_distributed
 
 
 def _prepare(config: str, overrides: list[str]) -> None:
@@ -76,5 +77,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
     try:
         COMMANDS[args.command](args.config, args.overrides)
+        shutdown_distributed()
     except (UsageError, DataError) as exc:  # bad config or data: a message, not a traceback
         parser.exit(2, f"vlmoe: error: {exc}\n")

@@ -84,6 +84,17 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, buf.tolist()))
 
 
+def shutdown_distributed() -> None:
+    """Leave the job together: every rank waits for the others, then the process group closes.
+
+    A rank that exits while a peer still talks to it over gloo can abort in gloo's teardown
+    ("terminate called without an active exception"), failing a job whose work was done.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
