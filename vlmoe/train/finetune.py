@@ -10,6 +10,7 @@ head (``adapter/``), published as RUN_DIR/adapter. Nothing here is specific to a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -93,15 +94,20 @@ def check_same_base(run_dir: Path, base: Base, is_main: bool) -> None:
     """A run resumes and is evaluated on the base it started from: RUN_DIR/base.json records it."""
     path = run_dir / BASE_FILE
     identity = base_identity(base)
-    if path.is_file():
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-        if recorded != identity:
-            changed = sorted(k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k))
-            raise ConfigError(f"the base changed since {run_dir} started ({', '.join(changed)}: "
-                              f"{[recorded.get(k) for k in changed]} -> {[identity.get(k) for k in changed]}); "
-                              f"fine-tune the new base into another run_dir")
-    elif is_main:
-        path.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    # every rank has read before rank 0 writes, and it writes atomically: a rank must never read
+    # the file half-written (it did: a JSONDecodeError on rank 1 of a fresh run)
+    barrier()
+    if recorded is None:
+        if is_main:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+    elif recorded != identity:
+        changed = sorted(k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k))
+        raise ConfigError(f"the base changed since {run_dir} started ({', '.join(changed)}: "
+                          f"{[recorded.get(k) for k in changed]} -> {[identity.get(k) for k in changed]}); "
+                          f"fine-tune the new base into another run_dir")
 
 
 def named_task(cfg: RunConfig) -> DownstreamTask:
