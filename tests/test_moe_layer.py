@@ -306,3 +306,20 @@ def test_moe_config_rejects_bad_values():
     assert MoEConfig.from_dict(MoEConfig().to_dict()) == MoEConfig()
     with pytest.raises(ValueError, match="unknown aux loss"):
         MoE(4, 8, 2, aux_losses=("nope",))
+
+
+def test_dropped_fraction_per_expert_and_task_by_hand():
+    from vlmoe.moe.metrics import RoutingStats
+    from vlmoe.moe.router import route
+
+    # 6 tokens, 3 experts, capacity 2, top-1 in token order: expert 0 is chosen by tokens
+    # 0, 1, 2, 3 (2 and 3 dropped), expert 1 by token 4, expert 2 by token 5
+    logits = torch.tensor([[5.0, 0, 0]] * 4 + [[0, 5.0, 0], [0, 0, 5.0]])
+    stats = RoutingStats(3)
+    stats.update(route(logits, 1, 2, batch_priority=False), "mlm", {})
+    # a second mlm call: all 2 tokens to expert 1, capacity 1 (one dropped)
+    stats.update(route(torch.tensor([[0, 5.0, 0]] * 2), 1, 1, batch_priority=False), "mlm", {})
+    out = stats.summary("moe")
+    assert out["moe/dropped/mlm"] == pytest.approx(3 / 8)
+    # expert 0: 2 of 4 dropped; expert 1: 1 of 3; expert 2: 0 of 1
+    assert [out[f"moe/dropped/mlm/{e}"] for e in range(3)] == pytest.approx([0.5, 1 / 3, 0.0])

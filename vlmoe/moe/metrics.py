@@ -1,7 +1,8 @@
 """Routing statistics of one MoE layer, accumulated over forward calls without host syncs.
 
 Names (under the layer's prefix, e.g. "moe/L1/v"): "dropped" (fraction of tokens that got no
-expert), "dropped/<task>" (per pretraining task, VL-MoE Fig. 6), "load/<e>" (fraction of
+expert), "dropped/<task>" (per pretraining task), "dropped/<task>/<e>" (the
+fraction of the choices routed to expert e that were dropped, per task: VL-MoE Fig. 6), "load/<e>" (fraction of
 routed choices that picked expert e, before capacity), "entropy" (mean router entropy, nats),
 "aux/<term>" (each unweighted aux term, mean over calls), "capacity" (mean slots per expert).
 """
@@ -30,6 +31,8 @@ class RoutingStats:
         self._calls = 0
         self._task_dropped: dict[str, torch.Tensor] = {}
         self._task_tokens: dict[str, torch.Tensor] = {}
+        self._task_expert_routed: dict[str, torch.Tensor] = {}
+        self._task_expert_dropped: dict[str, torch.Tensor] = {}
         self._aux: dict[str, torch.Tensor] = {}
         self._aux_calls = 0
 
@@ -59,6 +62,9 @@ class RoutingStats:
         if task is not None:
             self._task_dropped[task] = self._add(self._task_dropped.get(task), dropped)
             self._task_tokens[task] = self._add(self._task_tokens.get(task), num_tokens)
+            dropped_per_expert = torch.bincount(routing.expert[~routing.kept], minlength=self.num_experts).float()
+            self._task_expert_routed[task] = self._add(self._task_expert_routed.get(task), load)
+            self._task_expert_dropped[task] = self._add(self._task_expert_dropped.get(task), dropped_per_expert)
         if aux_terms:
             for name, value in aux_terms.items():
                 self._aux[name] = self._add(self._aux.get(name), value.detach().float())
@@ -79,6 +85,10 @@ class RoutingStats:
                 task_tokens = float(self._task_tokens[task])
                 if task_tokens > 0:
                     out[f"{prefix}/dropped/{task}"] = float(dropped) / task_tokens
+                routed = self._task_expert_routed[task]
+                fractions = self._task_expert_dropped[task] / routed.clamp_min(1.0)  # no tokens: none dropped
+                for expert, value in enumerate(fractions.tolist()):
+                    out[f"{prefix}/dropped/{task}/{expert}"] = value
         for name, total in self._aux.items():
             out[f"{prefix}/aux/{name}"] = float(total) / self._aux_calls
         self.reset()

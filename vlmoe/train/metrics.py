@@ -19,6 +19,7 @@ class MetricsLog:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
+        self.resumed_time_s = 0.0  # "time_s" of the last record kept: the clock of a resumed run goes on from it
         if not enabled:
             return
         self._truncate_after(resume_step)
@@ -38,6 +39,7 @@ class MetricsLog:
                     continue
                 if record.get("step", math.inf) <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
+                    self.resumed_time_s = record.get("time_s", self.resumed_time_s)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, self.path)

@@ -262,6 +262,8 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
     progress = _progress_bar(cfg, start_step, info)
     batches = iterate(task.train_batches, start_step * t.grad_accum, cfg.data.num_workers)
     window_start, window_tokens = time.perf_counter(), 0
+    # wall-clock of training so far ("time_s", logged on rank 0's clock): a resumed run goes on from its last record
+    clock_start = window_start - all_reduce_mean({"t": log.resumed_time_s}, info.device)["t"] * info.world_size
 
     for step in range(start_step, t.steps):
         lr = lr_at(step, peak_lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
@@ -285,16 +287,18 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
                 step_metrics.update(task.extra_metrics(engine.module))
             elapsed = time.perf_counter() - window_start
             step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+            step_metrics["peak_mem_mb"] = peak_memory_mb(info.device)
             values = all_reduce_mean(step_metrics, info.device)
             values["tokens_per_s"] *= info.world_size  # each rank counted its own tokens
             values["lr"] = lr
+            values["time_s"] = time.perf_counter() - clock_start
             log.log(done, values)
             progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
         val: dict[str, float] = {}
         if task.eval_batches is not None and (done % t.eval_every == 0 or done == t.steps):
             val = evaluate(engine, task, info)
-            log.log(done, val)
+            log.log(done, {**val, "time_s": time.perf_counter() - clock_start})
         improved = _improves(val.get(main_key), best, task.lower_is_better)
         if done % t.save_every == 0 or done == t.steps or improved:
             export = None if task.export is None else partial(task.export, engine.module, step=done)
@@ -312,6 +316,15 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
         print(f"done: {t.steps} steps\n  checkpoint: {ckpt_dir / checkpoint.committed_tag(ckpt_dir)}\n"
               f"  metrics:    {run_dir / 'metrics.jsonl'}\n  tensorboard: {run_dir / 'tensorboard'}", flush=True)
     return run_dir
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory: allocated on the accelerator, resident (max RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _check_precision(precision: str) -> None:
