@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["vlmoe", "vlmoe.*", "smola", "smola.*"]),
-    package_data={"vlmoe": ["configs/*.yaml"]},
+    package_data={"vlmoe": ["configs/*.yaml", "studies/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",

@@ -1,4 +1,5 @@
-"""``vlmoe prepare | pretrain | finetune CONFIG [key=value ...]`` and ``vlmoe eval RUN_DIR [key=value ...]``
+"""``vlmoe prepare | pretrain | finetune CONFIG [key=value ...]``, ``vlmoe eval RUN_DIR [key=value ...]``,
+``vlmoe study GRID [key=value ...] [--emit commands|slurm]`` and ``vlmoe report STUDY_DIR``.
 
 CONFIG is a YAML path or the name of a shipped config (``vlmoe/configs/*.yaml``); RUN_DIR a
 run directory that ``pretrain`` or ``finetune`` wrote. Launch on several ranks with
@@ -69,12 +70,23 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+STUDY_COMMANDS = ("study", "report")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    argv = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STUDY_COMMANDS:  # they launch runs (or read them); their own options
+        from vlmoe.study.cli import report_main, study_main
+
+        try:
+            sys.exit((study_main if argv[0] == "study" else report_main)(argv[1:]))
+        except (UsageError, DataError) as exc:
+            sys.exit(f"vlmoe {argv[0]}: error: {exc}")
     parser = argparse.ArgumentParser(prog="vlmoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("command", choices=sorted([*COMMANDS, *STUDY_COMMANDS]))
     parser.add_argument("config", help="YAML file, or a shipped config name such as pretrain_tiny; for eval: RUN_DIR")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.depth=2")
-    args = parser.parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     try:
         COMMANDS[args.command](args.config, args.overrides)
         shutdown_distributed()

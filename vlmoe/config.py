@@ -249,16 +249,21 @@ def merge_dicts(base: dict, extra: dict) -> dict:
     return out
 
 
-def resolve_config_path(name: str) -> Path:
-    """A path to a YAML file, or the name of one shipped in vlmoe/configs (``pretrain_tiny``)."""
+def resolve_shipped(name: str, directory: Path, what: str) -> Path:
+    """A path to a YAML file, or the name of one shipped in ``directory``; else an error listing them."""
     path = Path(name)
     if path.is_file():
         return path
-    shipped = CONFIG_DIR / (name if name.endswith(".yaml") else name + ".yaml")
+    shipped = directory / (name if name.endswith(".yaml") else name + ".yaml")
     if shipped.is_file():
         return shipped
-    available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config file '{name}' not found (shipped configs: {', '.join(available)})")
+    available = sorted(p.stem for p in directory.glob("*.yaml"))
+    raise ConfigError(f"{what} '{name}' not found (shipped: {', '.join(available)})")
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path to a YAML file, or the name of one shipped in vlmoe/configs (``pretrain_tiny``)."""
+    return resolve_shipped(name, CONFIG_DIR, "config file")
 
 
 def load_config(name: str, overrides: Optional[list[str]] = None) -> RunConfig:
