@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -13,9 +14,9 @@ from vlmoe.train.trainer import deepspeed_config
 
 
 def test_shipped_config_and_overrides():
-    cfg = load_config("pretrain_tiny", ["train.steps=7", "train.lr=1e-3", "model.depth=2", "train.betas=[0.8, 0.9]"])
+    cfg = load_config("pretrain_tiny", ["train.steps=7", "train.lr=1e-3", "model.depth=6", "train.betas=[0.8, 0.9]"])
     assert cfg.train.steps == 7 and cfg.train.lr == 1e-3 and cfg.train.betas == [0.8, 0.9]
-    assert cfg.model.preset == "tiny" and cfg.model.overrides == {"depth": 2}
+    assert cfg.model.preset == "tiny" and cfg.model.overrides == {"depth": 6}
     assert cfg.train.zero_stage == 1 and cfg.data.dir == "data/default"
 
 
@@ -33,6 +34,128 @@ def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("pretrain_tiny", [override])
     assert message in str(err.value)
+
+
+# one per class of bad value; each message names the key, the value and what is allowed
+BAD_VALUES = [
+    # negative
+    ("train.lr=-1", "config key 'train.lr' must be a finite number > 0, got -1.0"),
+    ("train.min_lr=-1e-5", "config key 'train.min_lr' must be a finite number >= 0, got -1e-05"),
+    ("train.weight_decay=-0.1", "config key 'train.weight_decay' must be a finite number >= 0, got -0.1"),
+    ("train.grad_clip=-1", "config key 'train.grad_clip' must be a finite number >= 0 (0: no clipping), got -1.0"),
+    ("data.eval_batches=-3", "config key 'data.eval_batches' must be an integer >= 0 (0: no evaluation), got -3"),
+    ("data.num_workers=-1", "config key 'data.num_workers' must be an integer >= 0 (0: load in the training process), got -1"),
+    ("data.text_batch=-1", "config key 'data.text_batch' must be an integer >= 0 (0: leave the text objective out), got -1"),
+    ("seed=-5", "config key 'seed' must be an integer in [0, 9223372036854775807], got -5"),
+    ("train.betas=[-0.1, 0.9]", "config key 'train.betas' must be two numbers, each in [0, 1), got [-0.1, 0.9]"),
+    # NaN and infinity, as YAML writes them and as Python does
+    ("train.lr=nan", "config key 'train.lr' must be a finite number > 0, got nan"),
+    ("train.lr=.nan", "config key 'train.lr' must be a finite number > 0, got nan"),
+    ("train.lr=inf", "config key 'train.lr' must be a finite number > 0, got inf"),
+    ("train.eps=.inf", "config key 'train.eps' must be a finite number > 0, got inf"),
+    ("train.min_lr=-inf", "config key 'train.min_lr' must be a finite number >= 0, got -inf"),
+    ("train.weight_decay=nan", "config key 'train.weight_decay' must be a finite number >= 0, got nan"),
+    ("train.grad_clip=inf", "config key 'train.grad_clip' must be a finite number >= 0 (0: no clipping), got inf"),
+    ("prepare.val_fraction=nan", "config key 'prepare.val_fraction' must be a number in [0, 1), got nan"),
+    ("pretrain.mim_ratio=nan", "config key 'pretrain.mim_ratio' must be a number in (0, 1), got nan"),
+    ("train.betas=[0.9, .nan]", "config key 'train.betas' must be two numbers, each in [0, 1), got [0.9, nan]"),
+    ("model.init_std=inf", "config key 'model.init_std' must be a finite number, got inf"),
+    # zero (or too small) where a positive value is needed
+    ("train.lr=0", "config key 'train.lr' must be a finite number > 0, got 0.0"),
+    ("train.eps=0", "config key 'train.eps' must be a finite number > 0, got 0.0"),
+    ("train.keep_checkpoints=0", "config key 'train.keep_checkpoints' must be an integer >= 1, got 0"),
+    ("train.dist_timeout_s=0", "config key 'train.dist_timeout_s' must be an integer >= 1, got 0"),
+    ("data.batch_size=0", "config key 'data.batch_size' must be an integer >= 1, got 0"),
+    ("data.eval_max_examples=0", "config key 'data.eval_max_examples' must be an integer >= 1 or null (null: all), got 0"),
+    ("prepare.max_items_per_source=0",
+     "config key 'prepare.max_items_per_source' must be an integer >= 1 or null (null: all), got 0"),
+    ("prepare.tokenizer_fit_images=0", "config key 'prepare.tokenizer_fit_images' must be an integer >= 1, got 0"),
+    ("prepare.codebook_size=1", "config key 'prepare.codebook_size' must be an integer >= 2, got 1"),
+    ("prepare.text_vocab_size=8", "config key 'prepare.text_vocab_size' must be an integer >= 16, got 8"),
+    ("model.depth=0", "config section 'model' (preset 'tiny', model.depth=0): ModelConfig.depth must be a positive int"),
+    # fractions out of range, and keys bounded by another key
+    ("prepare.val_fraction=1", "config key 'prepare.val_fraction' must be a number in [0, 1), got 1.0"),
+    ("finetune.val_fraction=0", "config key 'finetune.val_fraction' must be a number in (0, 1), got 0.0"),
+    ("pretrain.vlm_image_ratio=1", "config key 'pretrain.vlm_image_ratio' must be a number in (0, 1), got 1.0"),
+    ("train.betas=[0.9, 1.0]", "config key 'train.betas' must be two numbers, each in [0, 1), got [0.9, 1.0]"),
+    ("train.betas=[0.9]", "config key 'train.betas' must be two numbers, each in [0, 1), got [0.9]"),
+    ("train.min_lr=0.01", "config key 'train.min_lr' must be <= train.lr (0.002), got 0.01"),
+    ("model.vl_ffn_start=5", "config section 'model' (preset 'tiny', model.vl_ffn_start=5): ModelConfig.vl_ffn_start"),
+    # wrong type, unknown key or name
+    ("train.betas=[fast, 0.9]", "config key 'train.betas[0]': expected float, got 'fast'"),
+    ("model.depth=two", "config key 'model.depth': expected int, got 'two'"),
+    ("model.qkv_bias=3", "config key 'model.qkv_bias': expected bool, got 3"),
+    ("model.depthh=2", "unknown config key 'model.depthh' (did you mean 'depth'?)"),
+    ("model.preset=huge", "config key 'model.preset' must be one of ['base', 'small', 'tiny'], got 'huge'"),
+    ("model.vocab_size=30522", "config key 'model.vocab_size' is set by the prepared tokenizers"),
+    ("finetune.smola.rank=-1", "config section 'finetune.smola': rank must be a positive int"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES)
+def test_every_bad_value_is_an_error_naming_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("pretrain_tiny", [override])
+    assert message in str(err.value)
+
+
+def test_every_numeric_key_has_a_range_rule():
+    from vlmoe import config
+
+    numeric = set()
+    for prefix, cls in [("", config.RunConfig), ("data.", config.DataConfig), ("prepare.", config.PrepareConfig),
+                        ("pretrain.", config.PretrainConfig), ("finetune.", config.FinetuneConfig),
+                        ("train.", config.TrainConfig)]:
+        for name, typ in typing.get_type_hints(cls).items():
+            scalar = typing.get_origin(typ) in (None, typing.Union)  # train.betas (a list) has its own check
+            if scalar and {int, float} & {typ, *typing.get_args(typ)}:
+                numeric.add(prefix + name)
+    assert numeric == set(config.RULES)
+    assert numeric >= {"seed", "train.lr", "train.grad_clip", "data.eval_batches", "train.keep_checkpoints"}
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config("pretrain_tiny", [
+        "train.grad_clip=0", "data.eval_batches=0", "train.min_lr=2e-3", "train.weight_decay=0",
+        "train.betas=[0, 0.999]", "prepare.val_fraction=0", "seed=0", "data.image_batch=0", "data.num_workers=0",
+        "train.warmup_steps=0", "train.keep_checkpoints=1", "data.eval_max_examples=null",
+        "model.depth=2", "model.vl_ffn_start=1", "model.init_std=1e-3", "finetune.smola.rank=2"])
+    assert cfg.train.grad_clip == 0.0 and cfg.data.eval_batches == 0 and cfg.train.min_lr == cfg.train.lr == 2e-3
+    assert cfg.train.betas == [0.0, 0.999] and all(isinstance(b, float) for b in cfg.train.betas)
+    assert cfg.model.overrides == {"depth": 2, "vl_ffn_start": 1, "init_std": 1e-3}  # "1e-3": a float, not a string
+
+
+def test_eval_batches_zero_builds_no_evaluation(prepared_data, tmp_path):
+    import torch
+
+    from vlmoe.train.distributed import DistInfo
+    from vlmoe.train.pretrain import build_pretrain_task
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = load_config("pretrain_tiny", [f"data.dir={prepared_data}", "data.eval_batches=0", "train.steps=2"])
+    assert build_pretrain_task(cfg, info).eval_batches is None
+    assert len(build_pretrain_task(load_config("pretrain_tiny", [f"data.dir={prepared_data}", "data.eval_batches=2"]),
+                                   info).eval_batches) == 2
+    # `vlmoe eval` of such a run says what to add instead of evaluating nothing
+    with pytest.raises(ConfigError, match=r"'data.eval_batches' is 0 .* data.eval_batches=4"):
+        build_pretrain_task(cfg, info, model_dir=tmp_path / "model")
+
+
+@pytest.mark.parametrize("command, override, message", [
+    ("pretrain", "train.lr=nan", "config key 'train.lr' must be a finite number > 0, got nan"),
+    ("pretrain", "train.keep_checkpoints=0", "config key 'train.keep_checkpoints' must be an integer >= 1, got 0"),
+    ("pretrain", "model.depth=0", "config section 'model' (preset 'tiny', model.depth=0): ModelConfig.depth"),
+    ("prepare", "model.depthh=2", "unknown config key 'model.depthh' (did you mean 'depth'?)"),
+])
+def test_cli_rejects_bad_value_before_any_work(tmp_path, command, override, message):
+    proc = subprocess.run([sys.executable, "-m", "vlmoe", command, "pretrain_tiny", override, f"run_dir={tmp_path}/run",
+                           f"data.dir={tmp_path}/data", "train.shm_comm=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"vlmoe: error: {message}" in proc.stderr and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("vlmoe: error: "), errors
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # nothing created
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):
@@ -103,3 +226,9 @@ def test_single_pass_batches_cover_every_row_once_across_ranks():
                            load_example=lambda subset, row: {"x": row["x"]},
                            collate=lambda examples, step, r: examples["image"])
     assert all(e["valid"] for i in range(10) for e in shuffled[i])
+
+
+def test_skipping_non_finite_steps_needs_one_micro_batch_per_step():
+    with pytest.raises(ConfigError, match="'skip' needs train.grad_accum=1, got 2"):
+        load_config("pretrain_tiny", ["train.on_nonfinite=skip", "train.grad_accum=2"])
+    assert load_config("pretrain_tiny", ["train.on_nonfinite=skip"]).train.on_nonfinite == "skip"

@@ -1,12 +1,15 @@
 """Run configuration: YAML files plus dotted ``key=value`` overrides, strictly checked.
 
 Every key is a field of a dataclass below, so a mistyped key is an error that names it
-(with the closest valid key) instead of a silently ignored setting.
+(with the closest valid key) instead of a silently ignored setting. Every value is checked
+when the config is loaded, before any work (``validate``): its type, its range (``RULES``)
+and the checks that need more than one key.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ class DataConfig:
     image_batch: int = 16
     text_batch: int = 16
     pair_batch: int = 16
+    # pretraining: validation micro-batches per rank at each evaluation; 0 = no evaluation
     eval_batches: int = 4
     # fine-tuning: examples per rank in a micro-batch (and in an evaluation batch)
     batch_size: int = 32
@@ -112,9 +116,9 @@ class TrainConfig:
     min_lr: float = 1e-5
     warmup_steps: int = 30
     weight_decay: float = 0.05
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # gradient norm clipping; 0 = none
     precision: str = "fp32"  # fp32 | bf16 | fp16
     zero_stage: int = 1
     log_every: int = 10
@@ -127,6 +131,10 @@ class TrainConfig:
     # DeepSpeed's shared-memory allreduce on CPU: faster, but a 1-2 minute build on first use
     shm_comm: bool = True
     progress_bar: bool = True
+    # a NaN/Inf loss: "stop" the run (no checkpoint of it, last_good intact) or "skip" that step's
+    # update and count it, stopping after max_nonfinite_skips
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
 
 @dataclass
@@ -166,7 +174,84 @@ class RunConfig:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 FINETUNE_METHODS = ("smola", "lora", "full")
+NONFINITE_ACTIONS = ("stop", "skip")
 CONFIG_DIR = Path(__file__).parent / "configs"
+# model fields that `vlmoe prepare` fixes (prepare.text_vocab_size, prepare.codebook_size)
+MODEL_FIELDS_FROM_DATA = ("vocab_size", "codebook_size")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows: finite, from ``lo`` to ``hi`` (either open, or absent).
+
+    ``meaning``: what a special value means, shown in the error (``"0: no evaluation"``).
+    A key whose type is Optional also allows null.
+    """
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    meaning: str = ""
+
+    def admits(self, value: float) -> bool:
+        return (math.isfinite(value)
+                and (self.lo is None or (value > self.lo if self.lo_open else value >= self.lo))
+                and (self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)))
+
+    def describe(self, integer: bool) -> str:
+        if self.lo is not None and self.hi is not None:
+            kind = "an integer" if integer else "a number"
+            return f"{kind} in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        kind = "an integer" if integer else "a finite number"
+        if self.lo is not None:
+            return f"{kind} {'>' if self.lo_open else '>='} {self.lo}"
+        return f"{kind} {'<' if self.hi_open else '<='} {self.hi}"
+
+
+NON_NEGATIVE = Range(lo=0)
+POSITIVE = Range(lo=0, lo_open=True)  # floats; a positive int is Range(lo=1)
+AT_LEAST_1 = Range(lo=1)
+OPEN_UNIT = Range(0, 1, lo_open=True, hi_open=True)
+
+# The range of every int and float key (tests/test_config.py checks that none is missing).
+RULES: dict[str, Range] = {
+    "seed": Range(0, 2**63 - 1),
+    "data.image_batch": Range(lo=0, meaning="0: leave the image objective out"),
+    "data.text_batch": Range(lo=0, meaning="0: leave the text objective out"),
+    "data.pair_batch": Range(lo=0, meaning="0: leave the image-text objective out"),
+    "data.eval_batches": Range(lo=0, meaning="0: no evaluation"),
+    "data.batch_size": AT_LEAST_1,
+    "data.eval_max_examples": Range(lo=1, meaning="null: all"),
+    "data.num_workers": Range(lo=0, meaning="0: load in the training process"),
+    "prepare.max_items_per_source": Range(lo=1, meaning="null: all"),
+    "prepare.val_fraction": Range(0, 1, hi_open=True),
+    "prepare.text_vocab_size": Range(lo=16),
+    "prepare.codebook_size": Range(lo=2),
+    "prepare.tokenizer_fit_images": AT_LEAST_1,
+    "pretrain.mlm_prob": OPEN_UNIT,
+    "pretrain.mim_ratio": OPEN_UNIT,
+    "pretrain.vlm_text_prob": OPEN_UNIT,
+    "pretrain.vlm_image_ratio": OPEN_UNIT,
+    "finetune.max_items_per_source": Range(lo=1, meaning="null: all"),
+    "finetune.val_fraction": OPEN_UNIT,
+    "finetune.max_answers": Range(lo=1, meaning="null: all"),
+    "train.steps": AT_LEAST_1,
+    "train.grad_accum": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.min_lr": NON_NEGATIVE,  # and <= train.lr
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.eps": POSITIVE,
+    "train.grad_clip": Range(lo=0, meaning="0: no clipping"),
+    "train.zero_stage": Range(0, 3),
+    "train.log_every": AT_LEAST_1,
+    "train.eval_every": AT_LEAST_1,
+    "train.save_every": AT_LEAST_1,
+    "train.keep_checkpoints": AT_LEAST_1,
+    "train.dist_timeout_s": AT_LEAST_1,
+    "train.max_nonfinite_skips": Range(lo=0, meaning="0: stop at the first"),
+}
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -183,10 +268,13 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         (inner,) = [a for a in typing.get_args(typ) if a is not type(None)]
         return _coerce(value, inner, key)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"config key '{key}': {value} is too large for a float") from None
     expected = origin or typ
     if expected is list and isinstance(value, str):  # one entry of a list: data=jsonl:/x.jsonl
-        return [value]
+        value = [value]
     if expected is float and isinstance(value, str):
         try:  # YAML 1.1 reads "2e-3" as a string
             return float(value)
@@ -194,6 +282,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             pass
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{key}': expected {getattr(expected, '__name__', expected)}, got {value!r}")
+    if expected is list and typing.get_args(typ):  # list[float]: each entry checked too
+        (inner,) = typing.get_args(typ)
+        return [_coerce(item, inner, f"{key}[{i}]") for i, item in enumerate(value)]
     return value
 
 
@@ -201,8 +292,7 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     if cls is ModelSection:
-        data = dict(data)
-        return ModelSection(preset=_coerce(data.pop("preset", "tiny"), str, prefix + "preset"), overrides=data)
+        return _model_section(data, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -215,6 +305,21 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
         else:
             kwargs[key] = _coerce(value, typ, prefix + key)
     return cls(**kwargs)
+
+
+def _model_section(data: dict, prefix: str) -> ModelSection:
+    """``preset`` plus overrides, each a ModelConfig field of its type (ranges: ``validate``)."""
+    from vlmoe.model.config import ModelConfig
+
+    data = dict(data)
+    preset = _coerce(data.pop("preset", "tiny"), str, prefix + "preset")
+    hints = typing.get_type_hints(ModelConfig)
+    overrides = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_closest(key, ['preset', *hints])}")
+        overrides[key] = _coerce(value, hints[key], prefix + key)
+    return ModelSection(preset=preset, overrides=overrides)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -281,42 +386,88 @@ def load_config(name: str, overrides: Optional[list[str]] = None) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks that need more than one key, done before any training starts."""
+    """Every value, before any work: the range of each numeric key (``RULES``), the model and
+    adapter sections, and the checks that need more than one key."""
+    for key, rule in RULES.items():
+        _check_range(cfg, key, rule)
     t = cfg.train
     if t.precision not in PRECISIONS:
         raise ConfigError(f"config key 'train.precision': {t.precision!r} is not one of {PRECISIONS}")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"config key 'train.zero_stage': {t.zero_stage} is not 0, 1, 2 or 3")
-    for key in ("steps", "grad_accum", "log_every", "eval_every", "save_every", "dist_timeout_s"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"config key 'train.{key}' must be positive, got {getattr(t, key)}")
-    if len(t.betas) != 2:
-        raise ConfigError(f"config key 'train.betas' needs two values, got {t.betas}")
-    if t.warmup_steps < 0:
-        raise ConfigError(f"config key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
+    if t.on_nonfinite not in NONFINITE_ACTIONS:
+        raise ConfigError(f"config key 'train.on_nonfinite': {t.on_nonfinite!r} is not one of {NONFINITE_ACTIONS}")
+    if t.on_nonfinite == "skip" and t.grad_accum != 1:
+        # a skipped micro-batch would leave the others' gradients half-accumulated in the engine
+        raise ConfigError(f"config key 'train.on_nonfinite': 'skip' needs train.grad_accum=1, got {t.grad_accum}")
+    if len(t.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"config key 'train.betas' must be two numbers, each in [0, 1), got {t.betas}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"config key 'train.min_lr' must be <= train.lr ({t.lr}), got {t.min_lr}")
     d = cfg.data
-    if min(d.image_batch, d.text_batch, d.pair_batch) < 0 or d.image_batch + d.text_batch + d.pair_batch == 0:
-        raise ConfigError("config keys 'data.image_batch', 'data.text_batch', 'data.pair_batch': need >= 0 and at least one > 0")
+    if d.image_batch + d.text_batch + d.pair_batch == 0:
+        raise ConfigError("config keys 'data.image_batch', 'data.text_batch', 'data.pair_batch': at least one must be > 0")
+    _check_model(cfg.model)
     if cfg.moe is not None:
         moe_config(cfg)
     f = cfg.finetune
     if f.method not in FINETUNE_METHODS:
         raise ConfigError(f"config key 'finetune.method': {f.method!r} is not one of {FINETUNE_METHODS}")
-    if not 0.0 < f.val_fraction < 1.0:
-        raise ConfigError(f"config key 'finetune.val_fraction' must lie in (0, 1), got {f.val_fraction}")
-    for key in ("max_items_per_source", "max_answers"):
-        if getattr(f, key) is not None and getattr(f, key) < 1:
-            raise ConfigError(f"config key 'finetune.{key}' must be >= 1 (or null), got {getattr(f, key)}")
-    if d.eval_max_examples is not None and d.eval_max_examples < 1:
-        raise ConfigError(f"config key 'data.eval_max_examples' must be >= 1 (or null), got {d.eval_max_examples}")
+    _check_adapter(f)
     if f.base_run is not None and f.hf_model is not None:
         raise ConfigError("config keys 'finetune.base_run' and 'finetune.hf_model': set only one")
     if f.generalist is not None and f.method != "lora":
         raise ConfigError("config key 'finetune.generalist': a specialist on a SMoLA generalist trains method 'lora'")
-    p = cfg.pretrain
-    for key in ("mlm_prob", "mim_ratio", "vlm_text_prob", "vlm_image_ratio"):
-        if not 0.0 < getattr(p, key) < 1.0:
-            raise ConfigError(f"config key 'pretrain.{key}' must lie in (0, 1), got {getattr(p, key)}")
+
+
+def _check_range(cfg: RunConfig, key: str, rule: Range) -> None:
+    *sections, name = key.split(".")
+    owner = cfg
+    for section in sections:
+        owner = getattr(owner, section)
+    value = getattr(owner, name)
+    typ = typing.get_type_hints(type(owner))[name]
+    optional = typing.get_origin(typ) is typing.Union
+    if value is None and optional:
+        return
+    if not rule.admits(value):
+        allowed = rule.describe(integer=int in (typ, *typing.get_args(typ)))
+        allowed += " or null" if optional else ""
+        allowed += f" ({rule.meaning})" if rule.meaning else ""
+        raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
+
+
+def _check_model(model: ModelSection) -> None:
+    """The preset and its overrides make a valid ModelConfig (field names and types: ``_model_section``)."""
+    from vlmoe.model.config import PRESETS, model_config
+
+    if model.preset not in PRESETS:
+        raise ConfigError(f"config key 'model.preset' must be one of {sorted(PRESETS)}, got {model.preset!r}")
+    for key, value in model.overrides.items():
+        if key in MODEL_FIELDS_FROM_DATA:
+            raise ConfigError(f"config key 'model.{key}' is set by the prepared tokenizers "
+                              "(prepare.text_vocab_size, prepare.codebook_size); remove it")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key 'model.{key}' must be a finite number, got {value!r}")
+    try:
+        model_config(model.preset, **model.overrides)
+    except (TypeError, ValueError) as exc:
+        given = "".join(f", model.{k}={v!r}" for k, v in model.overrides.items())
+        raise ConfigError(f"config section 'model' (preset {model.preset!r}{given}): {exc}") from exc
+
+
+def _check_adapter(f: FinetuneConfig) -> None:
+    """The section of the fine-tuning method in use (``finetune.smola`` / ``finetune.lora``), if set."""
+    section = {"smola": f.smola, "lora": f.lora}.get(f.method)
+    if not section:  # the method's defaults
+        return
+    from smola.config import LoRAConfig, SMoLAConfig
+
+    for key, value in section.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key 'finetune.{f.method}.{key}' must be a finite number, got {value!r}")
+    try:
+        (SMoLAConfig if f.method == "smola" else LoRAConfig)(**section)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config section 'finetune.{f.method}': {exc}") from exc
 
 
 def moe_config(cfg: RunConfig):

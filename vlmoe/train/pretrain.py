@@ -71,7 +71,11 @@ def count_tokens(batch: dict) -> int:
 
 def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict] = None,
                         model_dir: Optional[Path] = None) -> Task:
-    """The pretraining Task; ``model_dir`` (evaluation) loads an exported model's weights."""
+    """The pretraining Task; ``model_dir`` (evaluation) loads an exported model's weights.
+    ``data.eval_batches=0``: no evaluation (``task.eval_batches`` is None)."""
+    if model_dir is not None and cfg.data.eval_batches == 0:
+        raise ConfigError("config key 'data.eval_batches' is 0 (no evaluation): evaluating a pretraining run "
+                          "needs data.eval_batches >= 1, e.g. the override data.eval_batches=4")
     moe_cfg = moe_config(cfg)
     if moe_cfg is not None and not moe_cfg.freeze and zero3_enabled(ds_config):
         # DeepSpeed reduces a ZeRO-3 leaf module's gradients once per call of the module, and
@@ -121,7 +125,8 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
     sparse = moe_cfg is not None
     return Task(model=model,
                 train_batches=batches("train", total_micro_steps),
-                eval_batches=batches("validation", cfg.data.eval_batches), count_tokens=count_tokens,
+                eval_batches=batches("validation", cfg.data.eval_batches) if cfg.data.eval_batches > 0 else None,
+                count_tokens=count_tokens,
                 export=export, export_name=MODEL_DIR,
                 extra_loss=collect_aux_loss if sparse else None, extra_metrics=collect_metrics if sparse else None)
 
@@ -147,7 +152,9 @@ def _load_split(root: Path, subset: str, split: str):
     if split not in dataset:
         raise DataDirError(f"'{path}' has no '{split}' split (has {list(dataset)})")
     if len(dataset[split]) == 0:
-        raise DataDirError(f"'{path}' split '{split}' is empty; set data.{subset}_batch=0 to train without it")
+        instead = "data.eval_batches=0 to pretrain without evaluation" if split == "validation" else \
+            f"data.{subset}_batch=0 to train without it"
+        raise DataDirError(f"'{path}' split '{split}' is empty; set {instead}")
     return dataset[split]
 
 
