@@ -2,10 +2,15 @@
 
 The config records every adapter injected, in order ("stack"), so a fresh base model gets
 the same wrappers before the tensors load. Only adapter tensors are written.
+
+Files written before ``smola.inject`` left out the SMoLA blocks no token can reach (a T block on
+a V-FFN linear) hold those blocks too: they never trained (their w_out is still zero, so they
+added nothing), and ``load_adapter`` drops them with a warning.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -13,7 +18,8 @@ import torch
 from torch import nn
 
 from smola.config import config_from_dict
-from smola.inject import STACK_ATTR, adapter_parameters, adapter_stack, inject
+from smola.inject import STACK_ATTR, adapter_parameters, adapter_stack, declared_modality, inject
+from smola.omni import MODALITIES
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -100,6 +106,34 @@ def _copy_into_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) ->
             params[name].copy_(tensor.to(dtype=params[name].dtype, device=params[name].device))
 
 
+_BLOCK_TENSORS = ("phi", "alpha", "w_in", "w_out")
+
+
+def _unreachable_blocks(model: nn.Module, tensors: dict[str, torch.Tensor], expected: set[str]) -> dict[str, list[str]]:
+    """Block name -> tensor names of the untrained V/T blocks in ``tensors`` (an older file) that this
+    model does not create because no token of theirs reaches their linear (see
+    ``smola.inject.declared_modality``)."""
+    blocks: dict[str, list[str]] = {}
+    for name in set(tensors) - expected:
+        block, _, tensor = name.rpartition(".")
+        linear, _, branch = block.rpartition(".")
+        if tensor in _BLOCK_TENSORS and branch in MODALITIES and linear:
+            blocks.setdefault(block, []).append(name)
+    unreachable = {}
+    for block, names in sorted(blocks.items()):
+        linear, _, branch = block.rpartition(".")
+        try:
+            model.get_submodule(linear)
+        except AttributeError:
+            continue
+        modality = declared_modality(model, linear)
+        w_out = tensors.get(f"{block}.w_out")
+        if modality is None or modality == branch or w_out is None or bool(w_out.any()):
+            continue  # reachable, or trained: left for load_adapter's error
+        unreachable[block] = names
+    return unreachable
+
+
 def load_adapter(model: nn.Module, directory: Union[str, Path],
                  copy: Callable[[nn.Module, dict[str, torch.Tensor]], None] = _copy_into_parameters) -> nn.Module:
     """Inject the adapters recorded in ``directory`` (those the model lacks) and load their tensors.
@@ -120,6 +154,9 @@ def load_adapter(model: nn.Module, directory: Union[str, Path],
     for cfg in stack[len(have):]:
         inject(model, config_from_dict(cfg))
     params = adapter_parameters(model)
+    unreachable = _unreachable_blocks(model, tensors, set(params))
+    dropped = {n for names in unreachable.values() for n in names}
+    tensors = {n: t for n, t in tensors.items() if n not in dropped}
     missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or extra:
         raise ValueError(f"load_adapter: {directory} does not fit this model: missing {missing[:5]}"
@@ -129,6 +166,10 @@ def load_adapter(model: nn.Module, directory: Union[str, Path],
         if tuple(tensors[name].shape) != want:
             raise ValueError(f"load_adapter: {name!r} has shape {tuple(tensors[name].shape)} in {directory}, "
                              f"the model expects {want}")
+    if unreachable:
+        warnings.warn(f"load_adapter: {directory} holds {len(unreachable)} SMoLA blocks that no token reaches in this "
+                      f"model (e.g. {next(iter(unreachable))!r}; written before smola left such blocks out); they never "
+                      "trained (w_out is zero, they added nothing) and are dropped", RuntimeWarning, stacklevel=2)
     copy(model, tensors)
     model.__dict__[STACK_ATTR] = list(stack)
     return model

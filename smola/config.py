@@ -34,6 +34,10 @@ class SMoLAConfig:
     """Soft mixtures of ``num_experts`` rank-``rank`` experts on each targeted linear.
 
     mode: "omni" (MM + V + T blocks), "mm" (all tokens), "v" (visual only), "t" (text only).
+    Only blocks whose tokens can arrive are created: in a module the model declares vision- or
+    text-only (``smola.omni.MODALITY_ATTR``; our multiway backbone's V-FFN and T-FFN), an omni
+    linear gets MM plus that modality's block, and "v" / "t" leave the other modality's linears
+    unwrapped.
     """
 
     num_experts: int = 48

@@ -4,6 +4,11 @@ Injection freezes everything already in the model, then wraps each targeted nn.L
 (or, for a linear already wrapped by an adapter, that adapter's innermost frozen linear,
 so LoRA specialists stack on a SMoLA generalist without renaming its tensors). The
 applied configs are recorded on the model, in order, for ``save_adapter``.
+
+SMoLA's V and T blocks go only where their tokens can arrive: inside a sub-module the model
+declares vision-only or text-only (``smola.omni.MODALITY_ATTR``, e.g. our multiway backbone's
+V-FFN and T-FFN), an omni linear gets mm plus that modality's block, and a "v" or "t" mode
+leaves the other modality's linears unwrapped.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from torch import nn
 from smola.block import SMoLALinear
 from smola.config import AdapterConfig, FullConfig, LoRAConfig, SMoLAConfig, Targets, config_from_dict, config_to_dict
 from smola.lora import LoRALinear
-from smola.omni import OmniSMoLALinear
+from smola.omni import MODALITIES, MODALITY_ATTR, OmniSMoLALinear, reachable_branches
 
 ADAPTER_TYPES = (SMoLALinear, OmniSMoLALinear, LoRALinear)
 STACK_ATTR = "_smola_adapter_stack"
@@ -92,15 +97,59 @@ def select_sites(model: nn.Module, config: AdapterConfig) -> list[LinearSite]:
     return chosen
 
 
-def _wrap(linear: nn.Linear, config: Union[SMoLAConfig, LoRAConfig]) -> nn.Module:
+def declared_modality(model: nn.Module, name: str) -> Optional[str]:
+    """The modality ("v" or "t") of every token that reaches the module ``name``, as its ancestors
+    declare it with ``MODALITY_ATTR`` ({child name: "v" | "t"}); None when any token may."""
+    modality: Optional[str] = None
+    module = model
+    prefix = []
+    for part in name.split("."):
+        declared = getattr(module, MODALITY_ATTR, None)
+        if declared is not None:
+            where = ".".join(prefix) or type(model).__name__
+            if not isinstance(declared, dict) or not all(isinstance(k, str) and v in MODALITIES for k, v in declared.items()):
+                raise ValueError(f"{where}.{MODALITY_ATTR} must map child names to one of {MODALITIES}; got {declared!r}")
+            inner = declared.get(part)
+            if inner is not None and modality is not None and inner != modality:
+                raise ValueError(f"{where}.{MODALITY_ATTR} declares {part!r} {inner!r}-only inside a {modality!r}-only "
+                                 "module: no token could reach it")
+            modality = inner if inner is not None else modality
+        prefix.append(part)
+        module = getattr(module, part, None)
+        if module is None:
+            break
+    return modality
+
+
+def site_branches(model: nn.Module, site: LinearSite, config: SMoLAConfig) -> tuple[str, ...]:
+    """The SMoLA branches ``config`` puts on ``site``: those its tokens can reach (see
+    ``declared_modality``); empty when none can (a "v" mode linear that only text enters)."""
+    branches = ("mm", "v", "t") if config.mode == "omni" else (config.mode,)
+    return reachable_branches(branches, declared_modality(model, site.name))
+
+
+def _wrap(linear: nn.Linear, config: Union[SMoLAConfig, LoRAConfig], branches: tuple[str, ...] = ()) -> nn.Module:
     if isinstance(config, LoRAConfig):
         wrapped: nn.Module = LoRALinear(linear, config.rank, config.scale)
     elif config.mode == "mm":
         wrapped = SMoLALinear(linear, config.num_experts, config.rank)
     else:
-        branches = ("mm", "v", "t") if config.mode == "omni" else (config.mode,)
         wrapped = OmniSMoLALinear(linear, config.num_experts, config.rank, branches)
     return wrapped.to(device=linear.weight.device, dtype=linear.weight.dtype)
+
+
+def _wrap_plan(model: nn.Module, config: Union[SMoLAConfig, LoRAConfig]) -> list[tuple[LinearSite, tuple[str, ...]]]:
+    """(site, SMoLA branches) for each linear ``config`` wraps; an error if no branch fits any."""
+    sites = select_sites(model, config)
+    if isinstance(config, LoRAConfig) or config.mode == "mm":
+        return [(site, ()) for site in sites]
+    plan = [(site, site_branches(model, site, config)) for site in sites]
+    plan = [(site, branches) for site, branches in plan if branches]
+    if not plan:
+        raise ValueError(f"SMoLA mode {config.mode!r}: none of the {len(sites)} targeted linears receives "
+                         f"{'visual' if config.mode == 'v' else 'text'} tokens (their modules are declared "
+                         f"{'text' if config.mode == 'v' else 'vision'}-only by {MODALITY_ATTR}), e.g. {sites[0].name!r}")
+    return plan
 
 
 def _full_targets(model: nn.Module, config: FullConfig) -> list[nn.Parameter]:
@@ -120,19 +169,21 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Freeze the model and add the adapter ``config`` describes; returns the same model.
 
     SMoLA / LoRA: each selected linear is wrapped (SMoLALinear for mode "mm",
-    OmniSMoLALinear otherwise, LoRALinear for LoRA); only the new tensors train.
-    Full: the selected parameters train, nothing is wrapped.
+    OmniSMoLALinear otherwise, with the branches its tokens can reach: ``site_branches``;
+    LoRALinear for LoRA); only the new tensors train. Full: the selected parameters train,
+    nothing is wrapped.
     """
     if not isinstance(config, (SMoLAConfig, LoRAConfig, FullConfig)):
         raise TypeError(f"inject expects SMoLAConfig, LoRAConfig or FullConfig; got {type(config).__name__}")
+    plan = [] if isinstance(config, FullConfig) else _wrap_plan(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     if isinstance(config, FullConfig):
         for p in _full_targets(model, config):
             p.requires_grad_(True)
     else:
-        for site in select_sites(model, config):
-            setattr(site.parent, site.attr, _wrap(site.linear, config))
+        for site, branches in plan:
+            setattr(site.parent, site.attr, _wrap(site.linear, config, branches))
     model.__dict__.setdefault(STACK_ATTR, []).append(config_to_dict(config))
     return model
 

@@ -7,6 +7,11 @@ smola.soft_mixture): a masked token takes no part in a group, which equals gathe
 group's tokens, running its block on them alone and scattering the outputs back. Which tokens are visual comes from
 ``smola.token_masks`` (declared by our multiway backbone, or by ``smola.modality_hooks``)
 or from the ``visual_mask`` argument.
+
+A model may also declare, statically, which of its sub-modules only ever see one modality
+(``MODALITY_ATTR``; our multiway backbone does, for its V-FFN and T-FFN): ``smola.inject``
+then gives the linears inside them only the branches their tokens can reach, mm plus that
+modality's (``reachable_branches``), instead of a V or T block that never receives a token.
 """
 from __future__ import annotations
 
@@ -20,7 +25,21 @@ from smola.block import LinearWrapper, SoftLowRankExperts, tokens_and_masks
 from smola.soft_mixture import add_soft_mixture
 
 BRANCHES = ("mm", "v", "t")
+MODALITIES = ("v", "t")
+MODALITY_ATTR = "smola_modalities"
+"""A module attribute (class or instance) ``{child name: "v" | "t"}``: every token that enters that
+child is visual ("v") or text ("t"), e.g. ``{"ffn_v": "v", "ffn_t": "t"}`` on a multiway block.
+On a Hugging Face model, set it on the parent of a vision-only or text-only tower."""
 _warned_no_modality = False
+
+
+def reachable_branches(branches: Sequence[str], modality: Optional[str]) -> tuple[str, ...]:
+    """The branches of ``branches`` whose tokens can reach a linear that only ``modality`` tokens
+    enter ("v" or "t"; None = any token): mm and that modality's branch, in ``BRANCHES`` order."""
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"a linear's token modality must be one of {MODALITIES} or None; got {modality!r}")
+    live = BRANCHES if modality is None else ("mm", modality)
+    return tuple(b for b in BRANCHES if b in branches and b in live)
 
 
 def _warn_no_modality_once() -> None:
@@ -88,7 +107,7 @@ class OmniSMoLALinear(LinearWrapper):
         else:
             masks = branch_masks(valid, visual)
         out = self.base(x).reshape(*tokens.shape[:-1], self.out_features)
-        # Branches with no token here (e.g. T inside a V-FFN) add nothing and are left out.
+        # Branches with no token here (e.g. T on an image-only input) add nothing and are left out.
         active = [n for n in self.branches if n in masks and (masks[n] is None or bool(masks[n].any()))]
         if not active:
             return out.reshape(*x.shape[:-1], self.out_features)

@@ -1,9 +1,11 @@
 """The MoE layer against a per-token reference, padding, metrics, the backbone factory, config errors."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from vlmoe.model.config import model_config
 from vlmoe.model.multiway import MultiwayTransformer
@@ -182,41 +184,60 @@ def tiny_model(**moe_overrides):
     return cfg, VLMoEForPretraining(cfg, moe_ffn_factory(cfg, moe_cfg))
 
 
-def test_factory_placement_all_blocks():
-    cfg, model = tiny_model(placement="all")
+def test_factory_places_moe_in_every_second_v_and_t_ffn_of_all_blocks_by_default():
+    assert MoEConfig().placement == "all"
+    cfg, model = tiny_model()
     kinds = [(type(b.ffn_v).__name__, type(b.ffn_t).__name__) for b in model.backbone.blocks]
     assert kinds == [("FeedForward", "FeedForward"), ("MoE", "MoE"), ("FeedForward", "FeedForward"), ("MoE", "MoE")]
-    assert type(model.backbone.blocks[3].ffn_vl).__name__ == "FeedForward"
+    assert type(model.backbone.blocks[3].ffn_vl).__name__ == "FeedForward"  # the VL-FFN stays dense
 
 
 def test_base_parameter_report_matches_paper_scale():
     cfg = model_config("base")
     with torch.device("meta"):
-        lower = parameter_report(MultiwayTransformer(cfg, moe_ffn_factory(cfg, MoEConfig())))
-        every = parameter_report(MultiwayTransformer(cfg, moe_ffn_factory(cfg, MoEConfig(placement="all"))))
+        default = parameter_report(MultiwayTransformer(cfg, moe_ffn_factory(cfg, MoEConfig())))
+        lower = parameter_report(MultiwayTransformer(cfg, moe_ffn_factory(cfg, MoEConfig(placement="lower"))))
     expert = 2 * 768 * 3072 + 3072 + 768
-    assert lower["experts"] == 10 * 32 * expert and every["experts"] == 12 * 32 * expert
-    assert 1.9e9 < every["total"] < 2.1e9 and every["routers"] < 0.5e6  # the paper's "2B total, routers < 0.5M"
-    assert lower["applied_per_token"] == every["applied_per_token"] - 2 * 768 * 32  # one expert per token each
+    # default: every second V-FFN and T-FFN of all 12 blocks (1, 3, ..., 11), 32 experts each
+    assert default["experts"] == 12 * 32 * expert and lower["experts"] == 10 * 32 * expert
+    assert 1.9e9 < default["total"] < 2.1e9 and default["routers"] < 0.5e6  # the paper's "2B total, routers < 0.5M"
+    assert 1.6e9 < lower["total"] < 1.7e9  # blocks 1, 3, ..., 9 only: short of the paper's 2B
+    assert lower["applied_per_token"] == default["applied_per_token"] - 2 * 768 * 32  # one expert per token each
     # Applied per token (LIMoE's count, both modality paths) is the dense model's size plus the
     # routers: ~201M with BEiT-3's 64k vocabulary; the paper's ~180M is VLMO's, with BERT's 30522.
     with torch.device("meta"):
         dense = sum(p.numel() for p in MultiwayTransformer(cfg).parameters())
         vlmo_cfg = model_config("base", vocab_size=30522)
         vlmo = parameter_report(MultiwayTransformer(vlmo_cfg, moe_ffn_factory(vlmo_cfg, MoEConfig())))
-    assert lower["applied_per_token"] == dense + lower["routers"]
+    assert default["applied_per_token"] == dense + default["routers"]
     assert 170e6 < vlmo["applied_per_token"] < 185e6
 
 
-def test_factory_places_moe_in_every_second_lower_v_and_t_ffn():
-    cfg, model = tiny_model()
+def test_factory_placement_lower_keeps_moe_below_the_vl_ffn_blocks():
+    cfg, model = tiny_model(placement="lower")
     blocks = model.backbone.blocks
     kinds = [(type(b.ffn_v).__name__, type(b.ffn_t).__name__, type(b.ffn_vl).__name__) for b in blocks]
     assert kinds == [("FeedForward", "FeedForward", "NoneType"), ("MoE", "MoE", "NoneType"),
                      ("FeedForward", "FeedForward", "NoneType"), ("FeedForward", "FeedForward", "FeedForward")]
     assert blocks[1].ffn_v is not blocks[1].ffn_t
-    assert blocks[1].ffn_v.aux_losses == ("vloss",) and blocks[1].ffn_t.aux_losses == ("switch",)
     assert blocks[1].ffn_v.router.weight.data_ptr() != blocks[1].ffn_t.router.weight.data_ptr()
+
+
+def test_default_aux_losses_are_the_papers_vloss_for_v_and_load_for_t():
+    # VL-MoE 4.1 and footnote 1: V-MoE's vloss for V-MoE, Shazeer et al.'s load loss for T-MoE
+    assert MoEConfig().aux_losses == {"v": ["vloss"], "t": ["load"]} and MoEConfig().noise_std > 0
+    cfg, model = tiny_model()
+    blocks = model.backbone.blocks
+    assert blocks[1].ffn_v.aux_losses == ("vloss",) and blocks[1].ffn_t.aux_losses == ("load",)
+    assert MoEConfig(aux_losses={"v": ["vloss"], "t": ["switch"]}).losses_for("t") == ("switch",)  # still an option
+    with pytest.raises(ValueError, match="'load' needs noise_std > 0"):
+        MoEConfig(noise_std=0.0, aux_losses={"t": ["load"]})
+
+
+def test_shipped_sparse_config_uses_the_papers_aux_losses():
+    path = Path(__file__).resolve().parents[1] / "vlmoe" / "configs" / "pretrain_tiny_moe.yaml"
+    moe = MoEConfig.from_dict(yaml.safe_load(path.read_text())["moe"])
+    assert moe.aux_losses == MoEConfig().aux_losses == {"v": ["vloss"], "t": ["load"]}
 
 
 def _batch(cfg, b=2):
@@ -246,7 +267,9 @@ def test_pretraining_model_collects_aux_loss_and_per_task_metrics():
     (out["loss"] + aux).backward()
     metrics = collect_metrics(model)
     assert {"moe/L1/v/dropped/mim", "moe/L1/v/dropped/vlm", "moe/L1/t/dropped/mlm", "moe/L1/t/dropped/vlm",
-            "moe/L1/v/aux/vloss", "moe/L1/t/aux/switch", "moe/L1/t/load/3", "moe/L1/v/entropy"} <= set(metrics)
+            "moe/L1/v/aux/vloss", "moe/L1/t/aux/load", "moe/L1/t/load/3", "moe/L1/v/entropy",
+            "moe/L3/v/aux/vloss", "moe/L3/t/aux/load"} <= set(metrics)
+    assert not any(name.endswith("/aux/switch") for name in metrics)
     assert "moe/L1/v/dropped/mlm" not in metrics  # no image tokens in the text-only task
     assert collect_metrics(model) == {} and collect_aux_loss(model).item() == 0.0
 
@@ -269,17 +292,17 @@ def test_activation_checkpointing_does_not_double_count():
 def test_freeze_switch_and_parameter_report():
     cfg, model = tiny_model(freeze=True)
     layers = moe_layers(model)
-    assert len(layers) == 2 and all(not p.requires_grad for layer in layers for p in layer.parameters())
+    assert len(layers) == 4 and all(not p.requires_grad for layer in layers for p in layer.parameters())
     cfg, model = tiny_model()
     assert freeze_moe(model) == sum(p.numel() for layer in moe_layers(model) for p in layer.parameters())
     report = parameter_report(model)
-    d, f, E = cfg.dim, cfg.ffn_dim, 4
+    d, f, E, n = cfg.dim, cfg.ffn_dim, 4, 4  # n: V and T MoE layers of blocks 1 and 3
     expert = d * f + f + f * d + d
     dense = sum(p.numel() for p in VLMoEForPretraining(cfg).parameters())
-    assert report["routers"] == 2 * d * E
-    assert report["experts"] == 2 * E * expert
-    assert report["total"] == dense - 2 * expert + 2 * E * expert + 2 * d * E
-    assert report["applied_per_token"] == dense + 2 * d * E
+    assert report["routers"] == n * d * E
+    assert report["experts"] == n * E * expert
+    assert report["total"] == dense - n * expert + n * E * expert + n * d * E
+    assert report["applied_per_token"] == dense + n * d * E
     assert report["trainable"] == report["total"] - report["experts"] - report["routers"]
 
 

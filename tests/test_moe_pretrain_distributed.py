@@ -32,7 +32,7 @@ def test_ep2_pretraining_loss_falls_and_logs_routing(moe_run):
         assert 0.0 <= last[f"moe/{layer}/v/dropped/mim"] <= 1.0 and f"moe/{layer}/v/dropped/vlm" in last
         assert 0.0 <= last[f"moe/{layer}/t/dropped/mlm"] <= 1.0
         assert abs(sum(last[f"moe/{layer}/v/load/{e}"] for e in range(8)) - 1.0) < 1e-5
-        assert last[f"moe/{layer}/v/aux/vloss"] > 0 and last[f"moe/{layer}/t/aux/switch"] > 0
+        assert last[f"moe/{layer}/v/aux/vloss"] > 0 and last[f"moe/{layer}/t/aux/load"] > 0
     assert "moe/L2/v/dropped" not in last and last["aux_loss"] > 0
     val = read_metrics(moe_run, "val/loss")[-1]
     assert "val/moe/L1/v/dropped" in val

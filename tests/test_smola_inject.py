@@ -172,3 +172,72 @@ def test_merge_refuses_smola_and_folds_lora():
     smola.merge_adapter(model)
     assert not any(isinstance(m, smola.LoRALinear) for m in model.modules())
     torch.testing.assert_close(_logits(model, inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+class _TwoTowers(nn.Module):
+    """A vision tower, a text tower and a shared layer; the towers declared modality-specific."""
+
+    def __init__(self, declare=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vision = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 8))
+        self.text = nn.ModuleDict({"mlp": nn.Linear(8, 8)})
+        self.shared = nn.Linear(8, 4)
+        if declare:
+            self.smola_modalities = {"vision": "v", "text": "t"}  # an instance attribute works as well as a class one
+
+    def forward(self, x, visual):
+        n = int(visual[0].sum())
+        with smola.token_masks(visual=visual[:, :n]):
+            image = self.vision(x[:, :n])
+        with smola.token_masks(visual=visual[:, n:]):
+            text = self.text["mlp"](x[:, n:])
+        with smola.token_masks(visual=visual):
+            return self.shared(torch.cat([image, text], dim=1))
+
+
+def _branches(model):
+    return {n: m.branches for n, m in model.named_modules() if isinstance(m, smola.OmniSMoLALinear)}
+
+
+def test_declared_modality_modules_get_only_their_reachable_branches():
+    model = smola.inject(_TwoTowers(), smola.SMoLAConfig(num_experts=3, rank=2, mode="omni"))
+    assert _branches(model) == {"vision.0": ("mm", "v"), "vision.1": ("mm", "v"), "text.mlp": ("mm", "t"),
+                                "shared": ("mm", "v", "t")}
+    per_block = lambda i, o: 3 * i + 1 + 3 * 2 * i + 3 * o * 2
+    dead = per_block(8, 6) + per_block(6, 8) + per_block(8, 8)  # T blocks of the vision tower, V block of the text one
+    undeclared = smola.inject(_TwoTowers(declare=False), smola.SMoLAConfig(num_experts=3, rank=2, mode="omni"))
+    assert all(b == ("mm", "v", "t") for b in _branches(undeclared).values())
+    assert smola.trainable_parameters(undeclared).trainable - smola.trainable_parameters(model).trainable == dead
+    # the same outputs as with every branch, the unreachable blocks perturbed too
+    with torch.no_grad():
+        for p in smola.adapter_parameters(undeclared).values():
+            p.normal_(0, 0.5)
+        params = smola.adapter_parameters(model)
+        for name, p in smola.adapter_parameters(undeclared).items():
+            if name in params:
+                params[name].copy_(p)
+        x = torch.randn(2, 5, 8)
+        visual = torch.tensor([[1, 1, 1, 0, 0]] * 2, dtype=torch.bool)
+        torch.testing.assert_close(model(x, visual), undeclared(x, visual), rtol=0, atol=0)
+
+
+def test_single_modality_mode_leaves_the_other_towers_linears_alone():
+    model = smola.inject(_TwoTowers(), smola.SMoLAConfig(num_experts=3, rank=2, mode="v"))
+    assert _branches(model) == {"vision.0": ("v",), "vision.1": ("v",), "shared": ("v",)}
+    assert type(model.text["mlp"]) is nn.Linear
+    with pytest.raises(ValueError, match="none of the 2 targeted linears receives text tokens"):
+        smola.inject(_TwoTowers(), smola.SMoLAConfig(num_experts=3, rank=2, mode="t", target_modules=["vision.0", "vision.1"]))
+    model = smola.inject(_TwoTowers(), smola.SMoLAConfig(num_experts=3, rank=2, mode="mm"))
+    assert sum(isinstance(m, smola.SMoLALinear) for m in model.modules()) == 4  # mm reaches every linear
+
+
+def test_bad_modality_declarations_are_named():
+    model = _TwoTowers()
+    model.smola_modalities = {"vision": "image"}
+    with pytest.raises(ValueError, match="smola_modalities must map child names to one of"):
+        smola.inject(model, smola.SMoLAConfig(num_experts=3, rank=2))
+    model = _TwoTowers()
+    model.vision.smola_modalities = {"1": "t"}
+    with pytest.raises(ValueError, match="declares '1' 't'-only inside a 'v'-only module"):
+        smola.inject(model, smola.SMoLAConfig(num_experts=3, rank=2))

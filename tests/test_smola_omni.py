@@ -169,3 +169,14 @@ def test_mask_function_with_bad_return_is_named():
     smola.modality_hooks(model, lambda args, kwargs: "visual")
     with pytest.raises(ValueError, match="must return TokenMasks"):
         model(X)
+
+
+def test_reachable_branches_keep_mm_and_the_declared_modality():
+    from smola.omni import reachable_branches
+
+    assert reachable_branches(("mm", "v", "t"), None) == ("mm", "v", "t")
+    assert reachable_branches(("t", "v", "mm"), "v") == ("mm", "v")
+    assert reachable_branches(("mm", "v", "t"), "t") == ("mm", "t")
+    assert reachable_branches(("v",), "t") == ()
+    with pytest.raises(ValueError, match="token modality"):
+        reachable_branches(("mm",), "image")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,10 @@ def _slice_mask(mask: Optional[torch.Tensor], start: int, stop: Optional[int]) -
 
 class MultiwayBlock(nn.Module):
     """Pre-LN block: x + attn(LN(x)), then x + modality-FFN(LN(x)), both with stochastic depth."""
+
+    # Only image tokens enter the V-FFN and only text tokens the T-FFN (_feed_forward): Omni-SMoLA
+    # (smola.inject, smola.omni.MODALITY_ATTR) reads this: their linears get no T and no V block.
+    smola_modalities: ClassVar[dict[str, str]] = {"ffn_v": "v", "ffn_t": "t"}
 
     def __init__(self, cfg: ModelConfig, index: int, ffn_factory: FfnFactory, drop_path: float) -> None:
         super().__init__()

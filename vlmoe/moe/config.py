@@ -13,8 +13,9 @@ PLACEMENTS = ("lower", "all")
 
 
 def _default_aux_losses() -> dict[str, list[str]]:
-    # Paper (VL-MoE 4.1): "vloss" for the V-FFN MoE, the load-balancing loss for the T-FFN MoE.
-    return {"v": ["vloss"], "t": ["switch"]}
+    # VL-MoE 4.1 and footnote 1: "vloss" (V-MoE's mean of importance and load losses) for the
+    # V-FFN MoE, the load loss of Shazeer et al. 2017 (its [57]; formula in A.3) for the T-FFN MoE.
+    return {"v": ["vloss"], "t": ["load"]}
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,13 @@ class MoEConfig:
     eval_capacity_factor: C = ceil(k * cf * S / E) in training / evaluation, at least
     min_capacity. batch_priority: BPR. noise_std: logit noise sigma = noise_std / E in training
     (needed by "load" and "vloss"). aux_losses: balancing terms per modality, from
-    importance / load / vloss / switch, weighted by aux_weight; z_loss_weight > 0 adds the
-    ST-MoE z-loss. every / placement: MoE in the V-FFN and T-FFN of blocks i with
-    i % every == every - 1 and i < vl_ffn_start ("lower", the paper's text) or any i ("all",
-    which is what the paper's 2B-parameter count for BASE/32E corresponds to).
+    importance / load / vloss / switch, weighted by aux_weight; default: the paper's vloss for
+    V and Shazeer et al.'s load loss for T (Switch's loss stays an option); z_loss_weight > 0
+    adds the ST-MoE z-loss. every / placement: MoE in the V-FFN and T-FFN of blocks i with
+    i % every == every - 1, in any block ("all", the default: every second V-FFN and T-FFN,
+    which gives the paper's ~2B parameters for BASE/32E; the top blocks' V/T-FFNs serve
+    image-only and text-only inputs) or only where i < vl_ffn_start ("lower", as the paper's
+    section 3 words it, "the first (L - F) layers": 1.67B for BASE/32E).
     ep_size: expert-parallel group size. backend: the token dispatcher, "ours" (index gathers)
     or "tutel" (tutel's kernels, where tutel is installed). freeze: freeze routers and experts
     (fine-tuning, as in ST-MoE / VL-MoE).
@@ -45,7 +49,7 @@ class MoEConfig:
     aux_weight: float = 0.01
     z_loss_weight: float = 0.0
     every: int = 2
-    placement: str = "lower"
+    placement: str = "all"
     ep_size: int = 1
     backend: str = "ours"
     freeze: bool = False
