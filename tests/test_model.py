@@ -435,3 +435,17 @@ def test_weight_decay_skips_biases_norms_tokens_and_positions():
         assert name in skipped, name
     assert "backbone.blocks.0.attn.q_proj.weight" not in skipped
     assert "backbone.embeddings.modality_type.weight" not in skipped
+
+
+def test_weight_decay_skips_the_experts_biases():
+    from vlmoe.moe import MoEConfig
+    from vlmoe.train.pretrain import build_pretraining_model
+    from vlmoe.train.trainer import param_groups
+
+    model = build_pretraining_model(tiny(), MoEConfig(num_experts=4), world_size=1)
+    decay, no_decay = param_groups(model, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]}
+    decayed = {names[id(p)].rsplit(".", 1)[-1] for p in decay["params"]}
+    assert {"b_in", "b_out"} <= skipped and not {"b_in", "b_out"} & decayed
+    assert {"w_in", "w_out"} <= decayed

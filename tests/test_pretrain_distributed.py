@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -188,3 +189,60 @@ def test_zero3_pretraining_resumes_exactly_and_sparse_zero3_is_refused(prepared_
                              f"run_dir={tmp_path / 'sparse'}", "train.zero_stage=3", "moe.ep_size=1", *TEST_OVERRIDES),
                timeout=300, check=False)
     assert proc.returncode != 0 and "sparse VL-MoE pretraining cannot run under ZeRO-3" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_loss_that_overflows_stops_the_run_and_keeps_last_good(prepared_data, tmp_path, policy):
+    """lr 1e30: step 1 is finite, its update makes every later loss NaN/Inf. Both policies end the
+    job on both ranks with the step named; no checkpoint of the blown-up weights is committed."""
+    import json
+
+    run_dir = tmp_path / policy
+    extra = ["train.lr=1e30", "train.warmup_steps=0", "train.save_every=1", f"train.on_nonfinite={policy}",
+             "train.max_nonfinite_skips=2"]
+    proc = run(deepspeed_cmd(2, *pretrain_args(prepared_data, run_dir), *extra), timeout=300, check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    if policy == "stop":
+        assert "vlmoe: stopped: step 2: non-finite loss" in output and "train.on_nonfinite=stop" in output
+        skipped = []
+    else:  # steps 2 and 3 skipped and counted, the third non-finite step stops it
+        assert "step 2: non-finite loss" in output and "its update skipped (1 of at most 2)" in output
+        assert "vlmoe: stopped: step 4: non-finite loss" in output and "train.max_nonfinite_skips=2" in output
+        skipped = [2, 3]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # strict JSON: no bare NaN
+    assert [r["step"] for r in records if "loss" in r] == [1]
+    assert [(r["step"], r["nonfinite_skips"]) for r in records if "nonfinite_skips" in r] == \
+        list(zip(skipped, range(1, len(skipped) + 1)))
+    # skipped steps left the weights as step 1 made them: finite, saved at steps 2 and 3 with the count
+    last = 1 + len(skipped)
+    ckpts = run_dir / "checkpoints"
+    assert committed_tag(ckpts) == tag_for(last)
+    state = json.loads((ckpts / tag_for(last) / "trainer_state.json").read_text())
+    assert state["step"] == last and state["nonfinite_skips"] == len(skipped)
+
+
+def test_sigterm_on_one_rank_saves_the_step_and_the_rerun_resumes_identically(prepared_data, reference, tmp_path):
+    """SLURM's preemption signal reaching one rank: both finish the step, commit it, exit 75; the
+    same command resumes from that step with the uninterrupted run's losses, bitwise."""
+    run_dir = tmp_path / "preempted"
+    cmd = deepspeed_cmd(2, *pretrain_args(prepared_data, run_dir))
+    job = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_commit(run_dir, tag_for(4), job, timeout=400)
+        os.kill(rank_pid(run_dir, 1), signal.SIGTERM)
+        output = job.communicate(timeout=120)[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    match = re.search(r"vlmoe: preempted: step (\d+): SIGTERM; checkpoint (step_\d+) committed", output)
+    assert match, output[-3000:]
+    step = int(match.group(1))
+    assert 4 <= step < STEPS and "exits with return code = 75" in output
+    ckpts = run_dir / "checkpoints"
+    assert committed_tag(ckpts) == match.group(2) == tag_for(step)
+
+    proc = run(cmd, timeout=600)
+    assert f"resuming from {ckpts / tag_for(step)} at step {step}" in proc.stdout
+    assert losses(run_dir) == losses(reference)  # every step, bitwise

@@ -15,6 +15,8 @@ from typing import Optional
 from vlmoe.config import UsageError, load_config
 from vlmoe.data.sources import DataError
 from vlmoe.train.distributed import shutdown_distributed
+from vlmoe.train.nonfinite import EXIT_CODE as NONFINITE_EXIT_CODE, NonFiniteError
+from vlmoe.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE, Preempted
 
 
 def _prepare(config: str, overrides: list[str]) -> None:
@@ -85,10 +87,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="vlmoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted([*COMMANDS, *STUDY_COMMANDS]))
     parser.add_argument("config", help="YAML file, or a shipped config name such as pretrain_tiny; for eval: RUN_DIR")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.depth=2")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.depth=6")
     args = parser.parse_args(argv)
     try:
         COMMANDS[args.command](args.config, args.overrides)
         shutdown_distributed()
     except (UsageError, DataError) as exc:  # bad config or data: a message, not a traceback
         parser.exit(2, f"vlmoe: error: {exc}\n")
+    except NonFiniteError as exc:  # the run's committed checkpoint is intact
+        parser.exit(NONFINITE_EXIT_CODE, f"vlmoe: stopped: {exc}\n")
+    except Preempted as exc:  # saved: the same command resumes
+        parser.exit(PREEMPTED_EXIT_CODE, f"vlmoe: preempted: {exc}\n")

@@ -48,8 +48,10 @@ class MetricsLog:
         """Append one record ``{"step": step, **values}`` and mirror it to TensorBoard."""
         if not self.enabled:
             return
+        # JSON has no NaN or Inf: a non-finite value is written as null
+        record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
             f.flush()
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,6 +26,8 @@ from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
 from vlmoe.train import checkpoint
 from vlmoe.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from vlmoe.train.metrics import MetricsLog
+from vlmoe.train.nonfinite import NonFiniteError, local_weights_finite, nonfinite_outputs
+from vlmoe.train.preemption import Preempted, preemption_signals
 from vlmoe.train.schedule import lr_at
 
 
@@ -103,14 +107,18 @@ def _read_ds_file(name: str) -> dict:
         raise ConfigError(f"config key 'ds_config': '{path}' is not valid JSON: {exc}") from exc
 
 
+# parameters named so are never decayed: the experts' stacked biases ([E, 1, d]) are not matrices either
+NO_DECAY_NAMES = ("cls_token", "mask_token", "positions", "b_in", "b_out")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: no weight decay on biases, norms, the [CLS]/[MASK] tokens and the
-    position embeddings (as BEiT-3)."""
+    """Decay matrices only: no weight decay on biases (the MoE experts' too), norms, the
+    [CLS]/[MASK] tokens and the position embeddings (as BEiT-3)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or name.endswith(("cls_token", "mask_token", "positions"))
+        skip = p.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
@@ -216,6 +224,46 @@ def build_engine(cfg: RunConfig, task: Task, info: DistInfo, ds_config: dict) ->
                        experts_file=bool(layers) and (trainable_experts or not task.exclude_frozen), moe=bool(layers))
 
 
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest ``value`` of all ranks, on every rank (so that all ranks take the same branch)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    buffer = torch.tensor([float(value)], device=device)
+    torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.MAX)
+    return buffer.item()
+
+
+def _on_any_rank(flag: bool, device: torch.device) -> bool:
+    return _max_over_ranks(float(flag), device) > 0
+
+
+def _last_good(ckpt_dir: Path) -> str:
+    tag = checkpoint.committed_tag(ckpt_dir)
+    return f"last_good is still {ckpt_dir / tag}" if tag else "no checkpoint was committed"
+
+
+def _nonfinite_loss(t, step: int, bad: list[str], skips: int) -> int:
+    """The skip count after a non-finite loss at ``step``; raises under ``stop`` or past the limit."""
+    what = f"non-finite {', '.join(bad) or 'loss on another rank'}"
+    if t.on_nonfinite == "stop":
+        raise NonFiniteError(f"step {step}: {what}; stopped before the update (train.on_nonfinite=stop)")
+    if skips + 1 > t.max_nonfinite_skips:
+        raise NonFiniteError(f"step {step}: {what}, the {skips + 1}th skipped step (train.max_nonfinite_skips="
+                             f"{t.max_nonfinite_skips}); stopped")
+    print(f"warning: step {step}: {what}; its update skipped ({skips + 1} of at most {t.max_nonfinite_skips})",
+          flush=True)
+    return skips + 1
+
+
+def _check_grad_norm(engine, step: int, info: DistInfo) -> None:
+    # A non-finite gradient of a finite loss has reached the weights already (only fp16's loss
+    # scaler skips such steps, and counts them): stop under either policy.
+    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    norm = float(norm) if norm is not None else 0.0
+    if not engine.fp16_enabled() and _on_any_rank(not math.isfinite(norm), info.device):
+        raise NonFiniteError(f"step {step}: non-finite gradient norm {norm}; stopped")
+
+
 def _improves(value: Optional[float], best: Optional[float], lower_is_better: bool) -> bool:
     if value is None or value != value:  # absent or NaN
         return False
@@ -246,11 +294,12 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
     setup = build_engine(cfg, task, info, ds_config)
     engine, t = setup.engine, cfg.train
 
-    start_step = 0
+    start_step, nonfinite_skips = 0, 0
     tag = checkpoint.committed_tag(ckpt_dir)
     if tag is not None:
-        start_step = checkpoint.load(engine, ckpt_dir, tag, strict=not (task.exclude_frozen or setup.moe),
-                                     topology=setup.topology, experts=setup.experts_file)["step"]
+        state = checkpoint.load(engine, ckpt_dir, tag, strict=not (task.exclude_frozen or setup.moe),
+                                topology=setup.topology, experts=setup.experts_file)
+        start_step, nonfinite_skips = state["step"], state.get("nonfinite_skips", 0)
         if info.is_main:
             print(f"resuming from {ckpt_dir / tag} at step {start_step}", flush=True)
     main_key = f"val/{task.main_metric}"
@@ -265,50 +314,71 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
     # wall-clock of training so far ("time_s", logged on rank 0's clock): a resumed run goes on from its last record
     clock_start = window_start - all_reduce_mean({"t": log.resumed_time_s}, info.device)["t"] * info.world_size
 
-    for step in range(start_step, t.steps):
-        lr = lr_at(step, peak_lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        step_metrics: dict[str, float] = {}
-        for micro in range(t.grad_accum):
-            _seed_step(cfg.seed, step, micro, info.rank)
-            batch = next(batches)
-            window_tokens += task.count_tokens(batch)
-            out = _forward(engine, batch, info, task)
-            engine.backward(out["loss"])
-            engine.step()
-            for key, value in _scalars(out).items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + value / t.grad_accum
-        step_metrics.pop("num_examples", None)
+    def save(step: int, val: dict, improved: bool, nonfinite_skips: int) -> None:
+        if _on_any_rank(not local_weights_finite(engine.module), info.device):
+            raise NonFiniteError(f"step {step}: the weights are not finite (the update of a finite loss made "
+                                 f"them so); nothing saved, {_last_good(ckpt_dir)}")
+        export = None if task.export is None else partial(task.export, engine.module, step=step)
+        state = {"step": step, **setup.topology, "val": val, "nonfinite_skips": nonfinite_skips}
+        checkpoint.save(engine, ckpt_dir, step, state, rank=info.rank, world_size=info.world_size,
+                        zero_stage=setup.zero_stage, keep=t.keep_checkpoints, exclude_frozen=task.exclude_frozen,
+                        experts=setup.experts_file, export=export, export_name=task.export_name, best=improved)
 
-        done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-            if task.extra_metrics is not None:
-                step_metrics.update(task.extra_metrics(engine.module))
-            elapsed = time.perf_counter() - window_start
-            step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-            step_metrics["peak_mem_mb"] = peak_memory_mb(info.device)
-            values = all_reduce_mean(step_metrics, info.device)
-            values["tokens_per_s"] *= info.world_size  # each rank counted its own tokens
-            values["lr"] = lr
-            values["time_s"] = time.perf_counter() - clock_start
-            log.log(done, values)
-            progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
-        val: dict[str, float] = {}
-        if task.eval_batches is not None and (done % t.eval_every == 0 or done == t.steps):
-            val = evaluate(engine, task, info)
-            log.log(done, {**val, "time_s": time.perf_counter() - clock_start})
-        improved = _improves(val.get(main_key), best, task.lower_is_better)
-        if done % t.save_every == 0 or done == t.steps or improved:
-            export = None if task.export is None else partial(task.export, engine.module, step=done)
-            checkpoint.save(engine, ckpt_dir, done, {"step": done, **setup.topology, "val": val}, rank=info.rank,
-                            world_size=info.world_size, zero_stage=setup.zero_stage, keep=t.keep_checkpoints,
-                            exclude_frozen=task.exclude_frozen, experts=setup.experts_file, export=export,
-                            export_name=task.export_name, best=improved)
-        if improved:
-            best = val[main_key]
-        progress.update(1)
+    with preemption_signals() as preemption:
+        for step in range(start_step, t.steps):
+            lr = lr_at(step, peak_lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            step_metrics: dict[str, float] = {}
+            done = step + 1
+            for micro in range(t.grad_accum):
+                _seed_step(cfg.seed, step, micro, info.rank)
+                batch = next(batches)
+                window_tokens += task.count_tokens(batch)
+                out = _forward(engine, batch, info, task)
+                bad = nonfinite_outputs(out)
+                if _on_any_rank(bool(bad), info.device):  # before the update: the weights stay as they were
+                    nonfinite_skips = _nonfinite_loss(t, done, bad, nonfinite_skips)
+                    step_metrics = {"nonfinite_skips": nonfinite_skips}
+                    break
+                engine.backward(out["loss"])
+                engine.step()
+                for key, value in _scalars(out).items():
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value / t.grad_accum
+            step_metrics.pop("num_examples", None)
+            _check_grad_norm(engine, done, info)
+            if done % t.log_every == 0 or done == t.steps:
+                if task.extra_metrics is not None:
+                    step_metrics.update(task.extra_metrics(engine.module))
+                elapsed = time.perf_counter() - window_start
+                step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                step_metrics["peak_mem_mb"] = peak_memory_mb(info.device)
+                values = all_reduce_mean(step_metrics, info.device)
+                values["tokens_per_s"] *= info.world_size  # each rank counted its own tokens
+                values["lr"] = lr
+                values["time_s"] = time.perf_counter() - clock_start
+                if engine.fp16_enabled():  # overflow steps the loss scaler skipped: counted, not failures
+                    values["fp16_overflow_skips"] = engine.skipped_steps
+                log.log(done, values)
+                progress.set_postfix(loss=f"{values.get('loss', math.nan):.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            val: dict[str, float] = {}
+            if task.eval_batches is not None and (done % t.eval_every == 0 or done == t.steps):
+                val = evaluate(engine, task, info)
+                log.log(done, {**val, "time_s": time.perf_counter() - clock_start})
+            improved = _improves(val.get(main_key), best, task.lower_is_better)
+            saved = done % t.save_every == 0 or done == t.steps or improved
+            if saved:
+                save(done, val, improved, nonfinite_skips)
+            if improved:
+                best = val[main_key]
+            progress.update(1)
+            signum = int(_max_over_ranks(preemption.received or 0, info.device))  # a signal on any rank stops all
+            if signum:
+                if not saved:
+                    save(done, val, False, nonfinite_skips)
+                raise Preempted(f"step {done}: {signal.Signals(signum).name}; checkpoint "
+                                f"{checkpoint.tag_for(done)} committed; run the same command to resume")
 
     progress.close()
     log.close()
