@@ -14,7 +14,7 @@ from typing import Optional
 
 from vlmoe.config import UsageError, load_config
 from vlmoe.data.sources import DataError
-from vlmoe.train.distributed import shutdown_distributed
+from vlmoe.train.distributed import leave, shutdown_distributed
 from vlmoe.train.nonfinite import EXIT_CODE as NONFINITE_EXIT_CODE, NonFiniteError
 from vlmoe.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE, Preempted
 
@@ -93,8 +93,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         COMMANDS[args.command](args.config, args.overrides)
         shutdown_distributed()
     except (UsageError, DataError) as exc:  # bad config or data: a message, not a traceback
-        parser.exit(2, f"vlmoe: error: {exc}\n")
+        leave(2, f"vlmoe: error: {exc}")
     except NonFiniteError as exc:  # the run's committed checkpoint is intact
-        parser.exit(NONFINITE_EXIT_CODE, f"vlmoe: stopped: {exc}\n")
+        leave(NONFINITE_EXIT_CODE, f"vlmoe: stopped: {exc}")
     except Preempted as exc:  # saved: the same command resumes
-        parser.exit(PREEMPTED_EXIT_CODE, f"vlmoe: preempted: {exc}\n")
+        leave(PREEMPTED_EXIT_CODE, f"vlmoe: preempted: {exc}")

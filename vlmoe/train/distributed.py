@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -85,14 +86,30 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 
 
 def shutdown_distributed() -> None:
-    """Leave the job together: every rank waits for the others, then the process group closes.
+    """End a finished distributed command: every rank waits for the others, then leaves at once.
 
-    A rank that exits while a peer still talks to it over gloo can abort in gloo's teardown
-    ("terminate called without an active exception"), failing a job whose work was done.
+    A rank that exits while a peer still talks to it over gloo, or that tears its process groups
+    down in the interpreter's exit (DeepSpeed keeps references to them), can abort there
+    ("terminate called without an active exception") and fail a job whose work was done. After the
+    barrier nothing is left to do, so each rank flushes its output and exits without running the
+    interpreter's teardown. Only for the command line's process, never inside a library call.
     """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def leave(code: int, message: str) -> None:
+    """Print ``message`` to stderr and exit with ``code``; a rank of a distributed job exits at once
+    (see `shutdown_distributed`: the interpreter's teardown could turn the code into an abort)."""
+    print(message, file=sys.stderr, flush=True)
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def barrier() -> None:

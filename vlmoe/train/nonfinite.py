@@ -31,8 +31,14 @@ def nonfinite_outputs(out: dict) -> list[str]:
 
 def local_weights_finite(module: torch.nn.Module) -> bool:
     """Whether this rank's share of the weights is finite (its ZeRO-3 partition where partitioned)."""
-    for param in module.parameters():
-        data = getattr(param, "ds_tensor", param)
-        if data.numel() and not torch.isfinite(data.detach()).all():
-            return False
-    return True
+    return all(bool(torch.isfinite(_local_values(param)).all()) for param in module.parameters())
+
+
+def _local_values(param: torch.nn.Parameter) -> torch.Tensor:
+    shard = getattr(param, "ds_tensor", None)
+    if shard is None:
+        return param.detach()
+    # ZeRO-3 pads the last partitions to equal sizes with uninitialised memory: only this rank's real elements
+    size = shard.ds_numel
+    valid = max(0, min(size, param.ds_numel - size * param.ds_zero_partition_rank))
+    return shard.detach().reshape(-1)[:valid]
