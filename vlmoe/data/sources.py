@@ -374,41 +374,46 @@ def jsonl(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
     return _jsonl_records(require_path(path, "jsonl"), skips)
 
 
-def _jsonl_records(path: Path, skips: SkipCounter) -> Iterator[Record]:
+def jsonl_lines(path: Path, skips: SkipCounter) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "file:line", decoded value) of each non-blank line of a JSONL file; lines that
+    are not UTF-8 JSON are skipped and counted as "bad JSONL line"."""
     if path.is_dir():
         raise DataError(f"jsonl: expected a .jsonl file, got a directory: {path}")
-    source = f"jsonl:{path.name}"
     with path.open("rb") as f:
         for line_number, raw in enumerate(f, start=1):
             where = f"{path}:{line_number}"
             if not raw.strip():
                 continue
             try:
-                item = json.loads(raw.decode("utf-8"))
+                yield line_number, where, json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 skips.skip("bad JSONL line", where)
+
+
+def _jsonl_records(path: Path, skips: SkipCounter) -> Iterator[Record]:
+    source = f"jsonl:{path.name}"
+    for line_number, where, item in jsonl_lines(path, skips):
+        if not isinstance(item, dict) or not ({"image", "text"} & item.keys()):
+            skips.skip("JSONL line without image or text", where)
+            continue
+        record: Record = {"source": source, "key": str(line_number)}
+        if "text" in item:
+            if not isinstance(item["text"], str) or not item["text"].strip():
+                skips.skip("empty text", where)
                 continue
-            if not isinstance(item, dict) or not ({"image", "text"} & item.keys()):
-                skips.skip("JSONL line without image or text", where)
+            record["text"] = item["text"].strip()
+        if "image" in item:
+            if not isinstance(item["image"], str) or not item["image"]:
+                skips.skip("bad JSONL line", where)
                 continue
-            record: Record = {"source": source, "key": str(line_number)}
-            if "text" in item:
-                if not isinstance(item["text"], str) or not item["text"].strip():
-                    skips.skip("empty text", where)
-                    continue
-                record["text"] = item["text"].strip()
-            if "image" in item:
-                if not isinstance(item["image"], str) or not item["image"]:
-                    skips.skip("bad JSONL line", where)
-                    continue
-                image = load_image(path.parent / item["image"], skips)
-                if image is None:
-                    continue
-                record["image"] = image
-                record["label_name"] = ""
-                if "text" not in record:
-                    record["label"] = -1
-            yield record
+            image = load_image(path.parent / item["image"], skips)
+            if image is None:
+                continue
+            record["image"] = image
+            record["label_name"] = ""
+            if "text" not in record:
+                record["label"] = -1
+        yield record
 
 
 def image_folder(path: str | Path, skips: SkipCounter) -> Iterator[Record]:

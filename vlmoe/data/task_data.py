@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 from PIL import Image
 
 from vlmoe.data.images import encode_png
-from vlmoe.data.sources import DataError, SkipCounter, load_image
+from vlmoe.data.sources import DataError, SkipCounter, jsonl_lines, load_image
 
 SPLITS = ("train", "validation")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation"}
@@ -163,25 +163,14 @@ def _check_field(item: dict, name: str, kind: str) -> Any:
 
 def _jsonl_records(path: Path, spec: TaskRecords, skips: SkipCounter) -> Iterator[Record]:
     """The task's records from a JSONL file; image paths are absolute or relative to the file."""
-    if path.is_dir():
-        raise DataError(f"jsonl: expected a .jsonl file, got a directory: {path}")
-    with path.open("rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            where = f"{path}:{line_number}"
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                skips.skip("bad JSONL line", where)
-                continue
-            if not isinstance(item, dict):
-                skips.skip("bad JSONL line", where)
-                continue
-            try:
-                yield {**_user_record(item, path.parent, spec), "source": f"jsonl:{path.name}", "where": where}
-            except SkipRecord as exc:
-                skips.skip(str(exc), where)
+    for _, where, item in jsonl_lines(path, skips):
+        if not isinstance(item, dict):
+            skips.skip("bad JSONL line", where)
+            continue
+        try:
+            yield {**_user_record(item, path.parent, spec), "source": f"jsonl:{path.name}", "where": where}
+        except SkipRecord as exc:
+            skips.skip(str(exc), where)
 
 
 def _user_record(item: dict, folder: Path, spec: TaskRecords) -> Record:

@@ -7,6 +7,7 @@ methods is then only the method: every method of a task sees the same data, batc
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -49,7 +50,7 @@ class TaskModel(nn.Module):
         return [module for name, module in self.named_children() if name != "backbone"]
 
 
-class DownstreamTask:
+class DownstreamTask(ABC):
     """One downstream task. ``main_metric`` (higher is better) picks the best checkpoint."""
 
     name: ClassVar[str]
@@ -60,26 +61,30 @@ class DownstreamTask:
     # whether validation metrics come from ``evaluate`` (not from averaging the model's outputs)
     evaluates_outputs: ClassVar[bool] = False
 
+    @abstractmethod
     def vocabulary(self, train: TaskSplit, max_size: Optional[int] = None) -> dict:
         """What the head predicts, learned from the train split (JSON-able): e.g. {"labels": [...]}."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def build_model(self, backbone: nn.Module, inputs: TaskInputs) -> TaskModel:
         """The head around a vlmoe multiway backbone (built inside zero.Init under ZeRO-3)."""
-        raise NotImplementedError
+        ...
 
     def unusable(self, row: dict, split: str, inputs: TaskInputs) -> Optional[str]:
         """Why a stored row cannot be used with this vocabulary (e.g. a validation label never seen
         in training), or None; such rows are left out and counted."""
         return None
 
+    @abstractmethod
     def load_example(self, split: TaskSplit, row: dict, inputs: TaskInputs) -> dict:
         """A stored example row -> what ``collate`` takes (images decoded and resized, text raw)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def collate(self, examples: list[dict], inputs: TaskInputs, step: int, rank: int) -> dict:
         """Examples (each with "valid": False for padding of a single pass) -> a batch of tensors."""
-        raise NotImplementedError
+        ...
 
     def load_subset_example(self, split: TaskSplit, subset: str, row: dict, inputs: TaskInputs) -> dict:
         """``load_example`` for batches of several subsets (retrieval's images and texts)."""
@@ -104,11 +109,12 @@ class DownstreamTask:
         collective. None: the trainer averages the scalar outputs."""
         return None
 
+    @abstractmethod
     def trivial_baseline(self, train: TaskSplit, validation: TaskSplit, inputs: TaskInputs,
                          max_examples: Optional[int] = None) -> dict[str, float]:
         """The main metric of a predictor that ignores its input (majority class or answer of the
         train split, or chance), on what evaluation reads of the validation split."""
-        raise NotImplementedError
+        ...
 
 
 def first_examples(split: TaskSplit, max_examples: Optional[int]) -> TaskSplit:
