@@ -29,6 +29,9 @@ def test_shipped_config_and_overrides():
     ("pretrain.mlm_prob=1.5", "config key 'pretrain.mlm_prob'"),
     ("train.warmup_steps=-1", "config key 'train.warmup_steps'"),
     ("data.image_batch=true", "config key 'data.image_batch': expected int"),
+    ("prepare.visual_tokenizer=vqkd", "config key 'prepare.visual_tokenizer' must be 'kmeans' or "
+                                      "'python:package.module:factory', got 'vqkd'"),
+    ("prepare.visual_tokenizer=python:my_module", "config key 'prepare.visual_tokenizer'"),
 ])
 def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:

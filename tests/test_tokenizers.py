@@ -1,4 +1,7 @@
 """Text (SentencePiece) and visual (k-means) tokenizers: ids, round trips, determinism, files."""
+import json
+import math
+import subprocess
 import sys
 import textwrap
 
@@ -7,8 +10,10 @@ import sentencepiece as spm
 import torch
 
 from vlmoe.data.text_tokenizer import TextTokenizer
-from vlmoe.data.visual_tokenizer import (KMeansVisualTokenizer, VisualTokenizer, load_visual_tokenizer,
-                                         normalize_patches, patchify)
+from vlmoe.data.visual_tokenizer import (KMEANS_FILE, SPEC_FILE, KMeansVisualTokenizer, VisualTokenizer,
+                                         load_visual_tokenizer, normalize_patches, patchify)
+
+from conftest import REPO, TEST_OVERRIDES, launch_env
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -205,3 +210,40 @@ def test_python_factory_spec_plugs_in_a_user_tokenizer(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot import"):
         load_visual_tokenizer("python:no_such_module_xyz:make")
     sys.modules.pop("user_vqkd", None)
+
+
+def _vlmoe(*args, timeout=300):
+    env = {**launch_env(), "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.run([sys.executable, "-m", "vlmoe", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_config_plugs_in_a_visual_tokenizer_from_prepare_to_pretraining(tmp_path):
+    """prepare.visual_tokenizer=python:module:factory: prepare records the plug-in instead of fitting
+    k-means, pretraining predicts its codes, and the exported model carries its spec."""
+    from visual_tokenizer_plugin import CODEBOOK_SIZE
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    small = ["prepare.sources=[wordnet,fashion_mnist,tuxpaint_stamps]", "prepare.max_items_per_source=60",
+             "prepare.text_vocab_size=120", f"data.dir={data}"]
+    bad = _vlmoe("prepare", "pretrain_tiny", *small, "prepare.visual_tokenizer=python:visual_tokenizer_plugin:make_wrong_patch")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert ("vlmoe: error: config key 'prepare.visual_tokenizer': python:visual_tokenizer_plugin:make_wrong_patch "
+            "tokenizes 16-pixel patches but the model's patch_size is 8") in bad.stderr
+    assert not data.exists()
+
+    prepared = _vlmoe("prepare", "pretrain_tiny", *small, "prepare.visual_tokenizer=python:visual_tokenizer_plugin:make")
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    assert (data / SPEC_FILE).is_file() and not (data / KMEANS_FILE).exists()
+    report = json.loads((data / "prepare_report.json").read_text())
+    assert report["visual_tokenizer"]["kind"] == "python" and report["visual_tokenizer"]["codebook_size"] == CODEBOOK_SIZE
+
+    trained = _vlmoe("pretrain", "pretrain_tiny", f"data.dir={data}", f"run_dir={run_dir}", "train.steps=2",
+                     "train.save_every=2", *TEST_OVERRIDES, "data.eval_batches=0")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    model = json.loads((run_dir / "model" / "model_config.json").read_text())
+    assert model["model"]["codebook_size"] == CODEBOOK_SIZE
+    assert json.loads((run_dir / "model" / SPEC_FILE).read_text()) == {
+        "visual_tokenizer": "python:visual_tokenizer_plugin:make"}
+    losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [math.isfinite(r["mim"]) for r in losses] == [True, True]  # cross-entropy over its 7 codes

@@ -32,7 +32,7 @@ def _prepare(config: str, overrides: list[str]) -> None:
     preset = model_config(cfg.model.preset, **cfg.model.overrides)
     prepare(cfg.data.dir, specs, val_fraction=p.val_fraction, seed=cfg.seed, text_vocab_size=p.text_vocab_size,
             image_size=preset.image_size, patch_size=preset.patch_size, codebook_size=p.codebook_size,
-            tokenizer_fit_images=p.tokenizer_fit_images)
+            tokenizer_fit_images=p.tokenizer_fit_images, visual_tokenizer=p.visual_tokenizer)
 
 
 def _pretrain(config: str, overrides: list[str]) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,10 @@ class PrepareConfig:
     text_vocab_size: int = 2000
     codebook_size: int = 256
     tokenizer_fit_images: int = 2000
+    # "kmeans" (fitted on the training images, the offline stand-in for BEiT v2's VQ-KD) or
+    # "python:package.module:factory": a tokenizer of your own (vlmoe/data/visual_tokenizer.py),
+    # whose codebook_size and patch_size replace prepare.codebook_size and the k-means fit
+    visual_tokenizer: str = "kmeans"
 
 
 @dataclass
@@ -402,6 +407,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'train.betas' must be two numbers, each in [0, 1), got {t.betas}")
     if t.min_lr > t.lr:
         raise ConfigError(f"config key 'train.min_lr' must be <= train.lr ({t.lr}), got {t.min_lr}")
+    spec = cfg.prepare.visual_tokenizer
+    if spec != "kmeans" and not re.fullmatch(r"python:[\w.]+:\w+", spec):
+        raise ConfigError(f"config key 'prepare.visual_tokenizer' must be 'kmeans' or 'python:package.module:factory', "
+                          f"got {spec!r}")
     d = cfg.data
     if d.image_batch + d.text_batch + d.pair_batch == 0:
         raise ConfigError("config keys 'data.image_batch', 'data.text_batch', 'data.pair_batch': at least one must be > 0")

@@ -16,11 +16,11 @@ import torch
 
 from vlmoe.config import UsageError
 from vlmoe.data.masking import sample_generator
+from vlmoe.data.visual_tokenizer import KMEANS_FILE, SPEC_FILE, prepared_visual_tokenizer_file
 
 # subset key in a batch -> directory written by `vlmoe prepare`
 SUBSET_DIRS = {"image": "images", "text": "texts", "pair": "pairs"}
 TEXT_TOKENIZER_FILE = "text_tokenizer.model"
-VISUAL_TOKENIZER_FILE = "visual_tokenizer.safetensors"
 
 
 class DataDirError(UsageError):
@@ -34,11 +34,11 @@ def check_data_dir(data_dir: str | os.PathLike, subsets: list[str]) -> Path:
     if not root.is_dir():
         raise DataDirError(f"data directory '{root}' does not exist: {hint}")
     needed = [root / SUBSET_DIRS[s] for s in subsets] + [root / TEXT_TOKENIZER_FILE]
-    if "image" in subsets or "pair" in subsets:
-        needed.append(root / VISUAL_TOKENIZER_FILE)
     for path in needed:
         if not path.exists():
             raise DataDirError(f"'{path}' is missing from the prepared data: {hint}")
+    if ("image" in subsets or "pair" in subsets) and prepared_visual_tokenizer_file(root) is None:
+        raise DataDirError(f"'{root}' has no visual tokenizer ({KMEANS_FILE} or {SPEC_FILE}): {hint}")
     return root
 
 

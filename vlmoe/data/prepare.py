@@ -5,7 +5,8 @@ Output layout (out_dir):
     pairs/    DatasetDict train/validation {image: Image, text, label_name, source}
     texts/    DatasetDict train/validation {text, source}
     text_tokenizer.model            SentencePiece, trained on train texts + train captions
-    visual_tokenizer.safetensors    k-means codebook, fitted on train images + pair images
+    visual_tokenizer.safetensors    k-means codebook, fitted on train images + pair images, or
+    visual_tokenizer.json           the spec of a plug-in tokenizer ("python:module:factory")
     prepare_report.json             records per source and split, skips, tokenizer settings
 
 A subset with no records is still written, with its schema and zero rows, so that every
@@ -13,8 +14,9 @@ consumer can load all three. `label` is local to its source (-1 for unlabelled J
 `label_name` says what it means ("" where unknown). Images are stored RGB (alpha composited
 on white), at most 224 px on the long side, as PNG.
 
-The train/validation split hashes (source, item key): an item keeps its split when other
-sources, `max_items` or `seed` change. `seed` only drives the visual tokenizer's fit.
+The train/validation split hashes (source, item group): a record's `group` where its source
+gives one (one image's caption lines, an emoji's skin-tone variants), else its key; an item
+keeps its split when other sources, `max_items` or `seed` change. `seed` only drives the visual tokenizer's fit.
 """
 from __future__ import annotations
 
@@ -34,12 +36,18 @@ from PIL import Image
 from vlmoe.data.images import encode_png, image_to_tensor
 from vlmoe.data.sources import DataError, Record, SkipCounter, open_source
 from vlmoe.data.text_tokenizer import TextTokenizer
-from vlmoe.data.visual_tokenizer import KMeansVisualTokenizer
+from vlmoe.data.visual_tokenizer import (
+    KMEANS_FILE,
+    SPEC_FILE,
+    KMeansVisualTokenizer,
+    VisualTokenizer,
+    load_visual_tokenizer,
+    save_spec,
+)
 
 SPLITS = ("train", "validation")
 SUBSETS = ("images", "pairs", "texts")
 TEXT_TOKENIZER_FILE = "text_tokenizer.model"
-VISUAL_TOKENIZER_FILE = "visual_tokenizer.safetensors"
 REPORT_FILE = "prepare_report.json"
 KMEANS_ITERS = 20
 
@@ -106,9 +114,10 @@ class PrepareReport:
             lines.append(f"    {info['count']:6d}  {reason}  (e.g. {info['examples'][0]})")
         lines.append(f"  text tokenizer: vocab {self.text_tokenizer['vocab_size']} "
                      f"(asked {self.text_tokenizer['requested_vocab_size']})")
-        lines.append(f"  visual tokenizer: {self.visual_tokenizer['codebook_size']} codes, "
-                     f"{self.visual_tokenizer['image_size']}px images, patch {self.visual_tokenizer['patch_size']}, "
-                     f"fitted on {self.visual_tokenizer['fit_images']} images")
+        visual = self.visual_tokenizer
+        origin = f"fitted on {visual['fit_images']} images" if visual["kind"] == "kmeans" else visual["spec"]
+        lines.append(f"  visual tokenizer: {visual['codebook_size']} codes, {visual['image_size']}px images, "
+                     f"patch {visual['patch_size']}, {origin}")
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -146,6 +155,18 @@ def _check_settings(sources: list[SourceSpec], val_fraction: float, text_vocab_s
             raise DataError(f"source {spec.name!r}: max_items must be >= 0, got {spec.max_items}")
 
 
+def _plugin_tokenizer(spec: str, patch_size: int) -> VisualTokenizer:
+    """The user's tokenizer named by ``spec`` ("python:module:factory"), checked before any work."""
+    try:
+        tokenizer = load_visual_tokenizer(spec)
+    except ValueError as exc:
+        raise DataError(f"config key 'prepare.visual_tokenizer': {exc}") from exc
+    if tokenizer.patch_size != patch_size:
+        raise DataError(f"config key 'prepare.visual_tokenizer': {spec} tokenizes {tokenizer.patch_size}-pixel "
+                        f"patches but the model's patch_size is {patch_size}")
+    return tokenizer
+
+
 def _fit_image_choice(rows: dict[str, dict[str, list]], count: int, seed: int) -> list[bytes]:
     """PNGs of up to `count` train images (images + pairs), taken round-robin over sources so
     that a large source (Fashion-MNIST) does not crowd out the others; seeded order per source."""
@@ -179,16 +200,21 @@ def _save_subset(rows: dict[str, list[dict[str, Any]]], features: datasets.Featu
 
 def prepare(out_dir: str | Path, sources: list[SourceSpec] | None = None, *, val_fraction: float = 0.05,
             seed: int = 0, text_vocab_size: int = 2000, image_size: int = 32, patch_size: int = 8,
-            codebook_size: int = 256, tokenizer_fit_images: int = 2000, verbose: bool = True) -> PrepareReport:
+            codebook_size: int = 256, tokenizer_fit_images: int = 2000, visual_tokenizer: str = "kmeans",
+            verbose: bool = True) -> PrepareReport:
     """Read `sources` (default `DEFAULT_SOURCES`), write datasets and tokenizers to `out_dir`.
 
+    ``visual_tokenizer``: "kmeans" fits a codebook of ``codebook_size`` on the train images;
+    "python:module:factory" records that plug-in instead (its own codebook and patch size).
     Raises DataError (before anything is written) for an unknown source, a missing path, bad
-    settings, or data without any train text or train image to fit the tokenizers on.
+    settings, a plug-in that does not load, or data without any train text or train image to
+    fit the tokenizers on.
     """
     started = time.perf_counter()
     sources = list(DEFAULT_SOURCES if sources is None else sources)
     _check_settings(sources, val_fraction, text_vocab_size, image_size, patch_size, codebook_size,
                     tokenizer_fit_images)
+    plugin = None if visual_tokenizer == "kmeans" else _plugin_tokenizer(visual_tokenizer, patch_size)
     skips = SkipCounter()
     iterators = [open_source(spec.name, spec.path, skips) for spec in sources]
 
@@ -196,7 +222,7 @@ def prepare(out_dir: str | Path, sources: list[SourceSpec] | None = None, *, val
     records: dict[str, dict[str, int]] = {}
     for spec, iterator in zip(sources, iterators):
         for record in itertools.islice(iterator, spec.max_items):
-            split = split_of(record["source"], record["key"], val_fraction)
+            split = split_of(record["source"], record.get("group", record["key"]), val_fraction)
             subset, row = _row(record)
             rows[subset][split].append(row)
             counts = records.setdefault(record["source"], {s: 0 for s in SPLITS})
@@ -207,7 +233,7 @@ def prepare(out_dir: str | Path, sources: list[SourceSpec] | None = None, *, val
     if not train_texts:
         raise DataError("no train text or caption to train the text tokenizer on; add a text source")
     patches_per_image = (image_size // patch_size) ** 2
-    if min(train_images, tokenizer_fit_images) * patches_per_image < codebook_size:
+    if plugin is None and min(train_images, tokenizer_fit_images) * patches_per_image < codebook_size:
         raise DataError(f"{min(train_images, tokenizer_fit_images)} train image(s) give too few patches for a "
                         f"visual codebook of {codebook_size}; add an image source or lower codebook_size")
 
@@ -217,10 +243,19 @@ def prepare(out_dir: str | Path, sources: list[SourceSpec] | None = None, *, val
         _save_subset(rows[subset], FEATURES[subset], out_dir / subset)
 
     text_tokenizer = TextTokenizer.train(train_texts, text_vocab_size, out_dir / TEXT_TOKENIZER_FILE)
-    fit_pngs = _fit_image_choice(rows, tokenizer_fit_images, seed)
-    fit_pixels = torch.stack([image_to_tensor(Image.open(io.BytesIO(png)), image_size) for png in fit_pngs])
-    visual_tokenizer = KMeansVisualTokenizer.fit(fit_pixels, patch_size, codebook_size, seed, KMEANS_ITERS)
-    visual_tokenizer.save(out_dir / VISUAL_TOKENIZER_FILE)
+    if plugin is None:
+        fit_pngs = _fit_image_choice(rows, tokenizer_fit_images, seed)
+        fit_pixels = torch.stack([image_to_tensor(Image.open(io.BytesIO(png)), image_size) for png in fit_pngs])
+        kmeans = KMeansVisualTokenizer.fit(fit_pixels, patch_size, codebook_size, seed, KMEANS_ITERS)
+        kmeans.save(out_dir / KMEANS_FILE)
+        (out_dir / SPEC_FILE).unlink(missing_ok=True)  # a data dir prepared before with a plug-in
+        visual = {"path": str(out_dir / KMEANS_FILE), "kind": "kmeans", "codebook_size": codebook_size,
+                  "fit_images": len(fit_pngs), "kmeans_iters": KMEANS_ITERS, "seed": seed}
+    else:
+        save_spec(out_dir / SPEC_FILE, visual_tokenizer)
+        (out_dir / KMEANS_FILE).unlink(missing_ok=True)
+        visual = {"path": str(out_dir / SPEC_FILE), "kind": "python", "spec": visual_tokenizer,
+                  "codebook_size": plugin.codebook_size}
 
     report = PrepareReport(
         out_dir=str(out_dir),
@@ -231,9 +266,7 @@ def prepare(out_dir: str | Path, sources: list[SourceSpec] | None = None, *, val
                         "vocab_size": text_tokenizer.vocab_size, "pad_id": text_tokenizer.pad_id,
                         "cls_id": text_tokenizer.cls_id, "sep_id": text_tokenizer.sep_id,
                         "mask_id": text_tokenizer.mask_id, "train_texts": len(train_texts)},
-        visual_tokenizer={"path": str(out_dir / VISUAL_TOKENIZER_FILE), "kind": "kmeans",
-                          "image_size": image_size, "patch_size": patch_size, "codebook_size": codebook_size,
-                          "fit_images": len(fit_pngs), "kmeans_iters": KMEANS_ITERS, "seed": seed},
+        visual_tokenizer={**visual, "image_size": image_size, "patch_size": patch_size},
         sources=[asdict(spec) for spec in sources],
         val_fraction=val_fraction,
         seed=seed,

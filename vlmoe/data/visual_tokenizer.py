@@ -15,20 +15,29 @@ name it as "python:package.module:factory", e.g.
 
     load_visual_tokenizer("python:my_tokenizers:beit_v2_vqkd")
 
+and in a config, ``prepare.visual_tokenizer: python:my_tokenizers:beit_v2_vqkd``: `vlmoe prepare`
+then records the spec in the data directory (SPEC_FILE) instead of fitting k-means, and
+pretraining loads it from there (the module must be importable on every rank).
+
 `tokenize` receives pixels as produced by `vlmoe.data.images.image_to_tensor` (RGB scaled to
 [-1, 1]); a wrapper re-normalises them if its model expects something else.
 """
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 _FORMAT = "vlmoe-kmeans-visual-tokenizer"
+# what `vlmoe prepare` writes into the data directory: the fitted k-means codebook, or (for a
+# plug-in, which is code and a checkpoint of its own) the spec that loads it
+KMEANS_FILE = "visual_tokenizer.safetensors"
+SPEC_FILE = "visual_tokenizer.json"
 # Variance floor for per-patch normalisation, in [-1, 1] pixel units: keeps near-flat
 # patches from having their noise blown up into arbitrary codes.
 _PATCH_VARIANCE_FLOOR = 1e-2
@@ -189,3 +198,28 @@ def load_visual_tokenizer(spec: str) -> VisualTokenizer:
     if spec.endswith(".safetensors"):
         return KMeansVisualTokenizer.load(spec)
     raise ValueError(f"visual tokenizer spec {spec!r}: expected a .safetensors file or 'python:module:factory'")
+
+
+def prepared_visual_tokenizer_file(data_dir: Path) -> Optional[Path]:
+    """The visual tokenizer `vlmoe prepare` left in ``data_dir``: its k-means file, its plug-in
+    spec file, or None."""
+    for name in (KMEANS_FILE, SPEC_FILE):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    return None
+
+
+def save_spec(path: Path, spec: str) -> None:
+    """Record a plug-in tokenizer's "python:..." spec (SPEC_FILE) for pretraining to load."""
+    path.write_text(json.dumps({"visual_tokenizer": spec}) + "\n", encoding="utf-8")
+
+
+def load_prepared_visual_tokenizer(path: Path) -> VisualTokenizer:
+    """Load what ``prepared_visual_tokenizer_file`` found: a k-means file, or a plug-in by its spec."""
+    if path.suffix != ".json":
+        return load_visual_tokenizer(str(path))
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))["visual_tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a visual tokenizer spec written by `vlmoe prepare` ({exc})") from exc
+    return load_visual_tokenizer(spec)

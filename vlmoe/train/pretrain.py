@@ -17,13 +17,12 @@ from vlmoe.data.images import image_to_tensor
 from vlmoe.data.loader import (
     SUBSET_DIRS,
     TEXT_TOKENIZER_FILE,
-    VISUAL_TOKENIZER_FILE,
     DataDirError,
     StepBatches,
     check_data_dir,
 )
 from vlmoe.data.text_tokenizer import TextTokenizer
-from vlmoe.data.visual_tokenizer import load_visual_tokenizer
+from vlmoe.data.visual_tokenizer import load_prepared_visual_tokenizer, prepared_visual_tokenizer_file
 from vlmoe.model.config import ModelConfig, model_config
 from vlmoe.model.pretraining import VLMoEForPretraining
 from vlmoe.moe import collect_aux_loss, collect_metrics
@@ -89,7 +88,11 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
     root = check_data_dir(cfg.data.dir, subsets)
     text_tokenizer = TextTokenizer.load(str(root / TEXT_TOKENIZER_FILE))
     needs_images = sizes["image"] > 0 or sizes["pair"] > 0
-    visual_tokenizer = load_visual_tokenizer(str(root / VISUAL_TOKENIZER_FILE)) if needs_images else None
+    visual_file = prepared_visual_tokenizer_file(root)
+    try:
+        visual_tokenizer = load_prepared_visual_tokenizer(visual_file) if needs_images else None
+    except ValueError as exc:
+        raise DataDirError(f"the prepared data's visual tokenizer: {exc}") from exc
     model_cfg = resolve_model_config(cfg, text_tokenizer, visual_tokenizer)
 
     collator = PretrainCollator(text_tokenizer, visual_tokenizer, max_text_len=model_cfg.max_text_len,
@@ -117,7 +120,7 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
         load_model_weights(model, model_dir)
     # what `vlmoe finetune` and `vlmoe eval` rebuild the model from
     record = {"model": model_cfg.to_dict(), "moe": moe_cfg.to_dict() if moe_cfg else None}
-    tokenizers = [root / name for name in (TEXT_TOKENIZER_FILE, VISUAL_TOKENIZER_FILE) if (root / name).is_file()]
+    tokenizers = [path for path in (root / TEXT_TOKENIZER_FILE, visual_file) if path is not None and path.is_file()]
 
     def export(module: torch.nn.Module, tag_dir: Path, step: int) -> None:
         export_model(module, tag_dir / MODEL_DIR, {**record, "step": step}, tokenizers, info.is_main)
