@@ -318,6 +318,42 @@ def test_split_of_fraction_and_stability():
     assert {k for k in keys if split_of("src", k, 0.2) == "validation"} >= set(validation)
 
 
+def test_jsonl_split_keeps_each_image_on_one_side(tmp_path):
+    # Several caption lines per image (COCO's five), written as relative and as ./ paths: the
+    # split follows the image, so no image is seen in training and validated on.
+    (tmp_path / "img").mkdir()
+    lines = []
+    for image in range(12):
+        Image.new("RGB", (16, 16), (image * 20, 0, 0)).save(tmp_path / "img" / f"{image}.png")
+        for caption in range(5):
+            path = f"img/{image}.png" if caption % 2 else f"./img/{image}.png"
+            lines.append(json.dumps({"image": path, "text": f"image {image} caption {caption}"}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    settings = dict(SMALL_SETTINGS, val_fraction=0.5, codebook_size=4, tokenizer_fit_images=8)
+    prepare(tmp_path / "out", [SourceSpec("jsonl", str(tmp_path / "captions.jsonl")),
+                               SourceSpec("wordnet", max_items=100)], **settings)
+    side_of_image: dict[str, set] = {}
+    for split, rows in _rows(tmp_path / "out" / "pairs").items():
+        for row in rows:
+            side_of_image.setdefault(row["text"].split(" caption")[0], set()).add(split)
+    assert len(side_of_image) == 12
+    assert all(len(sides) == 1 for sides in side_of_image.values()), side_of_image
+    assert {next(iter(s)) for s in side_of_image.values()} == {"train", "validation"}
+
+
+def test_emoji_skin_tone_variants_share_their_base_emoji_split():
+    assert sources.emoji_base("1F44B") == "1F44B"
+    assert sources.emoji_base("1F44B 1F3FD") == "1F44B"
+    assert sources.emoji_base("1F9D1 1F3FB 200D 1F91D 200D 1F9D1 1F3FF") == "1F9D1_200D_1F91D_200D_1F9D1"
+    records, _ = _take("noto_emoji", 400)
+    by_name = {r["text"]: r for r in records}
+    toned = by_name["waving hand: medium skin tone"]
+    assert toned["group"] == by_name["waving hand"]["group"] == "1F44B"
+    assert toned["key"] != by_name["waving hand"]["key"]
+    sides = {split_of("noto_emoji", by_name[name]["group"], 0.5) for name in by_name if name.startswith("waving hand")}
+    assert len(sides) == 1
+
+
 def test_prepare_refuses_bad_sources_before_writing(tmp_path, user_data):
     out = tmp_path / "out"
     with pytest.raises(DataError, match="unknown data source 'coco'"):

@@ -4,8 +4,9 @@ Three record kinds, told apart by their keys:
     image record  {"image": PIL.Image, "label": int, "label_name": str, "source": str, "key": str}
     pair record   {"image": PIL.Image, "text": str, "label_name": str, "source": str, "key": str}
     text record   {"text": str, "source": str, "key": str}
-`key` is a stable identifier of the item inside its source (used for the train/validation
-split); `label` is local to its source, `label_name` is what it means. Pair records carry a
+`key` is a stable identifier of the item inside its source; the train/validation split hashes
+the optional `group` instead where items share what the split must keep apart (the lines of a
+JSONL naming one image, an emoji and its skin-tone variants), else `key`. `label` is local to its source, `label_name` is what it means. Pair records carry a
 `label_name` too ("" where the source has none): stamp categories and emoji groups.
 
 Calling a source function checks its paths at once and raises `DataError` naming what is
@@ -27,6 +28,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -246,7 +248,17 @@ def _noto_emoji_records(font_path: Path, emoji_test_path: Path, skips: SkipCount
             skips.skip("emoji not in font", f"{emoji_test_path}:{line_number}")
             continue
         yield {"image": canvas, "text": name, "label_name": f"{group}/{subgroup}",
-               "source": "noto_emoji", "key": codepoints.replace(" ", "_")}
+               "source": "noto_emoji", "key": codepoints.replace(" ", "_"), "group": emoji_base(codepoints)}
+
+
+# Fitzpatrick skin-tone modifiers: a toned emoji draws its base emoji's figure in another colour
+SKIN_TONE_MODIFIERS = frozenset(f"{cp:X}" for cp in range(0x1F3FB, 0x1F400))
+
+
+def emoji_base(codepoints: str) -> str:
+    """The split group of an emoji: its code points without skin-tone modifiers, so that
+    "1F44B 1F3FD" (waving hand: medium skin tone) falls on the same side as "1F44B"."""
+    return "_".join(cp for cp in codepoints.split() if cp.upper() not in SKIN_TONE_MODIFIERS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,6 +422,8 @@ def _jsonl_records(path: Path, skips: SkipCounter) -> Iterator[Record]:
             if image is None:
                 continue
             record["image"] = image
+            # one image with several caption lines must not fall on both sides of the split
+            record["group"] = os.path.normpath(item["image"])
             record["label_name"] = ""
             if "text" not in record:
                 record["label"] = -1
