@@ -92,14 +92,37 @@ BAD_VALUES = [
     ("model.preset=huge", "config key 'model.preset' must be one of ['base', 'small', 'tiny'], got 'huge'"),
     ("model.vocab_size=30522", "config key 'model.vocab_size' is set by the prepared tokenizers"),
     ("finetune.smola.rank=-1", "config section 'finetune.smola': rank must be a positive int"),
+    # the typed sections: one unknown-key check, their own checks named by section, finite floats
+    ("finetune.smola.rnak=2", "unknown config key 'finetune.smola.rnak' (did you mean 'rank'?)"),
+    ("finetune.lora.scale=nan", "config key 'finetune.lora.scale' must be a finite number, got nan"),
+    ("finetune.lora.rank=two", "config key 'finetune.lora.rank': expected int, got 'two'"),
+    ("moe.num_expert=8", "unknown config key 'moe.num_expert' (did you mean 'num_experts'?)"),
+    ("moe.capacity_factor=nan", "config key 'moe.capacity_factor' must be a finite number, got nan"),
+    ("moe.num_experts=6", "config section 'moe': MoEConfig.num_experts=6 is not divisible by ep_size=4"),
+    ("moe.placement=top", "config section 'moe': MoEConfig.placement must be one of ('lower', 'all'), got 'top'"),
+    ("moe.aux_losses.t=[swich]", "config section 'moe': MoEConfig.aux_losses['t']: unknown loss 'swich'"),
 ]
 
 
 @pytest.mark.parametrize("override, message", BAD_VALUES)
 def test_every_bad_value_is_an_error_naming_key_value_and_range(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config("pretrain_tiny", [override])
+        load_config("pretrain_tiny", [override, *(["moe.ep_size=4"] if override.startswith("moe.") else [])])
     assert message in str(err.value)
+
+
+def test_sections_are_typed_once_at_load_and_round_trip(tmp_path):
+    from smola.config import LoRAConfig, SMoLAConfig
+    from vlmoe.config import dump_config
+    from vlmoe.moe.config import MoEConfig
+
+    cfg = load_config("pretrain_tiny", ["moe.num_experts=8", "moe.aux_losses.t=[switch]",
+                                        "finetune.smola.num_experts=4", "finetune.lora.rank=8"])
+    assert cfg.moe == MoEConfig(num_experts=8, aux_losses={"v": ["vloss"], "t": ["switch"]})
+    assert cfg.finetune.smola == SMoLAConfig(num_experts=4) and cfg.finetune.lora == LoRAConfig(rank=8)
+    assert load_config("pretrain_tiny").moe is None
+    dump_config(cfg, tmp_path / "config.yaml")  # what a run directory records loads back to the same config
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
 
 
 def test_every_numeric_key_has_a_range_rule():

@@ -231,7 +231,10 @@ def test_default_aux_losses_are_the_papers_vloss_for_v_and_load_for_t():
     assert blocks[1].ffn_v.aux_losses == ("vloss",) and blocks[1].ffn_t.aux_losses == ("load",)
     assert MoEConfig(aux_losses={"v": ["vloss"], "t": ["switch"]}).losses_for("t") == ("switch",)  # still an option
     with pytest.raises(ValueError, match="'load' needs noise_std > 0"):
-        MoEConfig(noise_std=0.0, aux_losses={"t": ["load"]})
+        MoEConfig(noise_std=0.0, aux_losses={"v": [], "t": ["load"]})
+    # a modality left out keeps its default, so that overriding one does not silently drop the other's
+    assert MoEConfig(aux_losses={"t": ["switch"]}).aux_losses == {"v": ["vloss"], "t": ["switch"]}
+    assert MoEConfig(aux_losses={"v": []}).losses_for("v") == ()
 
 
 def test_shipped_sparse_config_uses_the_papers_aux_losses():

@@ -19,6 +19,9 @@ from typing import Any, Optional
 
 import yaml
 
+from smola.config import LoRAConfig, SMoLAConfig
+from vlmoe.moe.config import MoEConfig
+
 
 class UsageError(ValueError):
     """Bad input from the user (config, data, checkpoint path): reported without a traceback."""
@@ -89,7 +92,7 @@ class FinetuneConfig:
     Face model (``hf_model``: a local model directory, or a config.json for a randomly
     initialised model; image classification only).
     ``method``: smola | lora | full; ``smola`` / ``lora`` hold that adapter's settings
-    (smola.SMoLAConfig / smola.LoRAConfig fields). ``generalist``: a SMoLA fine-tuning run
+    (smola.SMoLAConfig / smola.LoRAConfig, resolved and checked at load). ``generalist``: a SMoLA fine-tuning run
     whose adapter is loaded first, so that ``method: lora`` trains a per-task specialist on top
     of it (Omni-SMoLA 4.3.4). On a sparse base the routers and experts stay frozen;
     ``moe_router_noise`` / ``moe_aux_loss`` keep the base's router noise and add its balancing
@@ -106,8 +109,8 @@ class FinetuneConfig:
     base_run: Optional[str] = None
     hf_model: Optional[str] = None
     method: str = "smola"
-    smola: dict = field(default_factory=dict)
-    lora: dict = field(default_factory=dict)
+    smola: SMoLAConfig = field(default_factory=SMoLAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     generalist: Optional[str] = None
 
 
@@ -167,8 +170,8 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    # sparse MoE FFNs (vlmoe.moe.MoEConfig fields); absent = dense backbone
-    moe: Optional[dict] = None
+    # sparse MoE FFNs (vlmoe.moe.MoEConfig); absent = dense backbone
+    moe: Optional[MoEConfig] = None
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # a DeepSpeed JSON file (path, or a name in ds_configs/) merged over the generated
@@ -267,11 +270,16 @@ def _closest(name: str, options: list[str]) -> str:
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Check ``value`` against the annotated type ``typ``; ints are accepted for floats."""
     origin = typing.get_origin(typ)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or one of several types (str or list)
+        options = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(typ)):
             return None
-        (inner,) = [a for a in typing.get_args(typ) if a is not type(None)]
-        return _coerce(value, inner, key)
+        for inner in options[:-1]:
+            try:
+                return _coerce(value, inner, key)
+            except ConfigError:
+                continue
+        return _coerce(value, options[-1], key)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             return float(value)
@@ -293,9 +301,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def _section_type(typ: Any) -> Optional[type]:
+    """The dataclass a field holds (``X`` or ``Optional[X]``), else None."""
+    options = [a for a in typing.get_args(typ) if a is not type(None)] if typing.get_origin(typ) is typing.Union else [typ]
+    return options[0] if len(options) == 1 and dataclasses.is_dataclass(options[0]) else None
+
+
 def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    """A config section of type ``cls`` from its mapping: every section (the run's own and the
+    moe / SMoLA / LoRA settings) goes through this one unknown-key and type check; the
+    section's own checks (``__post_init__``) are reported under its name."""
+    section = prefix.rstrip(".") or "<root>"
     if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+        raise ConfigError(f"config key '{section}': expected a mapping, got {data!r}")
     if cls is ModelSection:
         return _model_section(data, prefix)
     hints = typing.get_type_hints(cls)
@@ -305,11 +323,15 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_closest(key, names)}")
         typ = hints[key]
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = _from_dict(typ, value, f"{prefix}{key}.")
+        inner = _section_type(typ)
+        if inner is not None and value is not None:
+            kwargs[key] = _from_dict(inner, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, typ, prefix + key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config section '{section}': {exc}") from exc
 
 
 def _model_section(data: dict, prefix: str) -> ModelSection:
@@ -415,12 +437,11 @@ def validate(cfg: RunConfig) -> None:
     if d.image_batch + d.text_batch + d.pair_batch == 0:
         raise ConfigError("config keys 'data.image_batch', 'data.text_batch', 'data.pair_batch': at least one must be > 0")
     _check_model(cfg.model)
-    if cfg.moe is not None:
-        moe_config(cfg)
+    for key, section in (("moe", cfg.moe), ("finetune.smola", cfg.finetune.smola), ("finetune.lora", cfg.finetune.lora)):
+        _check_finite(section, key)
     f = cfg.finetune
     if f.method not in FINETUNE_METHODS:
         raise ConfigError(f"config key 'finetune.method': {f.method!r} is not one of {FINETUNE_METHODS}")
-    _check_adapter(f)
     if f.base_run is not None and f.hf_model is not None:
         raise ConfigError("config keys 'finetune.base_run' and 'finetune.hf_model': set only one")
     if f.generalist is not None and f.method != "lora":
@@ -463,32 +484,14 @@ def _check_model(model: ModelSection) -> None:
         raise ConfigError(f"config section 'model' (preset {model.preset!r}{given}): {exc}") from exc
 
 
-def _check_adapter(f: FinetuneConfig) -> None:
-    """The section of the fine-tuning method in use (``finetune.smola`` / ``finetune.lora``), if set."""
-    section = {"smola": f.smola, "lora": f.lora}.get(f.method)
-    if not section:  # the method's defaults
+def _check_finite(section: Any, prefix: str) -> None:
+    """No NaN or infinity in a section's float fields (its own checks compare, and NaN passes them)."""
+    if section is None:
         return
-    from smola.config import LoRAConfig, SMoLAConfig
-
-    for key, value in section.items():
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"config key 'finetune.{f.method}.{key}' must be a finite number, got {value!r}")
-    try:
-        (SMoLAConfig if f.method == "smola" else LoRAConfig)(**section)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config section 'finetune.{f.method}': {exc}") from exc
-
-
-def moe_config(cfg: RunConfig):
-    """The run's MoEConfig, or None for a dense backbone; errors name the 'moe' section."""
-    if cfg.moe is None:
-        return None
-    from vlmoe.moe.config import MoEConfig
-
-    try:
-        return MoEConfig.from_dict(cfg.moe)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config section 'moe': {exc}") from exc
+            raise ConfigError(f"config key '{prefix}.{f.name}' must be a finite number, got {value!r}")
 
 
 def to_dict(cfg: RunConfig) -> dict:

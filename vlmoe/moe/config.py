@@ -78,6 +78,8 @@ class MoEConfig:
         check_backend(self.backend, "MoEConfig")
         if not isinstance(self.aux_losses, Mapping):
             raise ValueError(f"MoEConfig.aux_losses must map modality -> list of loss names, got {self.aux_losses!r}")
+        # a modality left out keeps its default (`aux_losses: {t: [switch]}` keeps vloss for V); [] = none
+        object.__setattr__(self, "aux_losses", {**_default_aux_losses(), **self.aux_losses})
         for modality, names in self.aux_losses.items():
             if modality not in MODALITIES:
                 raise ValueError(f"MoEConfig.aux_losses: unknown modality {modality!r}; use {MODALITIES}")

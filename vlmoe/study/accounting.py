@@ -70,7 +70,7 @@ def run_config(run_dir: Path, overrides: Sequence[str]) -> RunConfig:
     """The run's config with ``overrides``; a sparse run's experts all on this one process."""
     config_file, fixed = str(run_dir / "config.yaml"), [*overrides, f"run_dir={run_dir}"]
     cfg = load_config(config_file, fixed)
-    if cfg.moe is not None and cfg.moe.get("ep_size", 1) != 1:
+    if cfg.moe is not None and cfg.moe.ep_size != 1:
         cfg = load_config(config_file, [*fixed, "moe.ep_size=1"])
     return cfg
 

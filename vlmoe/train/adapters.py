@@ -8,6 +8,7 @@ experts).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch import nn
@@ -19,24 +20,17 @@ from vlmoe.train.export import ADAPTER_DIR, load_adapter_export, read_task_info
 
 
 def adapter_config(cfg: RunConfig):
-    """The configured method as a smola config (SMoLAConfig, LoRAConfig or FullConfig)."""
+    """The configured method as a smola config (SMoLAConfig, LoRAConfig or FullConfig; checked at load)."""
     f = cfg.finetune
-    try:
-        if f.method == "smola":
-            return smola.SMoLAConfig(**f.smola)
-        if f.method == "lora":
-            return smola.LoRAConfig(**f.lora)
-        return smola.FullConfig()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config section 'finetune.{f.method}': {exc}") from exc
+    return {"smola": f.smola, "lora": f.lora}.get(f.method) or smola.FullConfig()
 
 
 def _without_routers(config):
     if isinstance(config, smola.FullConfig):
         return config
     excluded = config.exclude_modules
-    config.exclude_modules = [*excluded, "router"] if isinstance(excluded, list) else f"(?:{excluded})|.*\\.router"
-    return config
+    return dataclasses.replace(config, exclude_modules=[*excluded, "router"] if isinstance(excluded, list)
+                               else f"(?:{excluded})|.*\\.router")
 
 
 def add_method(cfg: RunConfig, model: nn.Module) -> None:

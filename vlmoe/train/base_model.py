@@ -61,7 +61,7 @@ def frozen_moe_settings(moe: dict, where: Path, router_noise: bool, aux_loss: bo
         raise ConfigError(f"config key 'finetune.moe_aux_loss': the base's balancing losses {noisy_losses} need "
                           f"router noise; set finetune.moe_router_noise=true as well")
     if not aux_loss:
-        moe.update(aux_losses={}, z_loss_weight=0.0)
+        moe.update(aux_losses={"v": [], "t": []}, z_loss_weight=0.0)
     if not router_noise:
         moe["noise_std"] = 0.0
     if moe.get("backend") == "tutel" and not tutel_installed():

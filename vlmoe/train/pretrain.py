@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from vlmoe.config import ConfigError, RunConfig, moe_config
+from vlmoe.config import ConfigError, RunConfig
 from vlmoe.data.collate import PretrainCollator
 from vlmoe.data.images import image_to_tensor
 from vlmoe.data.loader import (
@@ -75,7 +75,7 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
     if model_dir is not None and cfg.data.eval_batches == 0:
         raise ConfigError("config key 'data.eval_batches' is 0 (no evaluation): evaluating a pretraining run "
                           "needs data.eval_batches >= 1, e.g. the override data.eval_batches=4")
-    moe_cfg = moe_config(cfg)
+    moe_cfg = cfg.moe
     if moe_cfg is not None and not moe_cfg.freeze and zero3_enabled(ds_config):
         # DeepSpeed reduces a ZeRO-3 leaf module's gradients once per call of the module, and
         # asserts on the second call within one backward.

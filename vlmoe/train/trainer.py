@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vlmoe.config import ConfigError, RunConfig, dump_config, merge_dicts, moe_config
+from vlmoe.config import ConfigError, RunConfig, dump_config, merge_dicts
 from vlmoe.data.loader import StepBatches, iterate, to_device
 from vlmoe.moe import moe_layers
 from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
@@ -180,8 +180,7 @@ def evaluate(engine, task: Task, info: DistInfo) -> dict[str, float]:
 
 
 def _ep_size(cfg: RunConfig) -> int:
-    moe = moe_config(cfg)
-    return moe.ep_size if moe is not None else 1
+    return cfg.moe.ep_size if cfg.moe is not None else 1
 
 
 def _forget_zero3_trace(engine) -> None:
