@@ -138,9 +138,10 @@ def test_a_run_refuses_a_base_that_changed_since_it_started(tmp_path, prepared_d
     _exported_sparse_run(tmp_path / "base", prepared_data / "text_tokenizer.model", MoEConfig(num_experts=4).to_dict())
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    check_same_base(run_dir, load_multiway_base(tmp_path / "base", None), is_main=True)  # recorded
-    check_same_base(run_dir, load_multiway_base(tmp_path / "base" / "model", None), is_main=True)  # the same base
+    identity = check_same_base(run_dir, load_multiway_base(tmp_path / "base", None))
+    (run_dir / "base.json").write_text(json.dumps(identity))  # what the trainer records once all checks pass
+    assert check_same_base(run_dir, load_multiway_base(tmp_path / "base" / "model", None)) == identity  # the same base
     record = json.loads((tmp_path / "base" / MODEL_DIR / "model_config.json").read_text())
     (tmp_path / "base" / MODEL_DIR / "model_config.json").write_text(json.dumps({**record, "step": 7}))
     with pytest.raises(ConfigError, match=r"the base changed since .* \(step: \[2\] -> \[7\]\)"):
-        check_same_base(run_dir, load_multiway_base(tmp_path / "base", None), is_main=True)
+        check_same_base(run_dir, load_multiway_base(tmp_path / "base", None))

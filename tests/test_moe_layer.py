@@ -274,7 +274,28 @@ def test_pretraining_model_collects_aux_loss_and_per_task_metrics():
             "moe/L3/v/aux/vloss", "moe/L3/t/aux/load"} <= set(metrics)
     assert not any(name.endswith("/aux/switch") for name in metrics)
     assert "moe/L1/v/dropped/mlm" not in metrics  # no image tokens in the text-only task
-    assert collect_metrics(model) == {} and collect_aux_loss(model).item() == 0.0
+    assert collect_metrics(model) == {} and collect_aux_loss(model) is None
+
+
+def test_evaluation_neither_takes_nor_adds_to_the_training_routing_statistics():
+    # eval_every not a multiple of log_every: an evaluation falls between two log steps
+    torch.manual_seed(0)
+    cfg, model = tiny_model()
+    model(_batch(cfg))
+    collect_aux_loss(model)
+    trained_calls = [layer.train_stats.calls for layer in moe_layers(model)]
+    model.eval()
+    with torch.no_grad():
+        model(_batch(cfg))
+    assert collect_aux_loss(model) is None  # no balancing loss is measured in evaluation: none logged
+    validation = collect_metrics(model)
+    assert validation and [layer.train_stats.calls for layer in moe_layers(model)] == trained_calls
+    assert all(layer.eval_stats.calls == 0 for layer in moe_layers(model))
+    assert not any("/aux/" in name for name in validation)
+    model.train()
+    training = collect_metrics(model)  # the training steps' routing, read at the next log step
+    assert set(training) > set(validation) and all(layer.train_stats.calls == 0 for layer in moe_layers(model))
+    assert any("/aux/" in name for name in training)
 
 
 def test_activation_checkpointing_does_not_double_count():
@@ -287,7 +308,7 @@ def test_activation_checkpointing_does_not_double_count():
     out = model(batch)
     aux = collect_aux_loss(model)
     (out["loss"] + aux).backward()  # re-runs the block forward inside backward
-    assert collect_aux_loss(model).item() == 0.0
+    assert collect_aux_loss(model) is None
     assert [layer.stats.calls for layer in moe_layers(model)] == [0, 1]  # text-only batch: T-MoE only (V first)
     assert "moe/L1/t/dropped/mlm" in collect_metrics(model)
 

@@ -68,22 +68,21 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def collect_aux_loss(model: nn.Module) -> torch.Tensor:
+def collect_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
     """Sum over MoE layers of each layer's weighted aux loss since the last call (mean over its
-    forward calls); 0 when there is none. Call once per micro-batch, after forward, and add to the loss."""
+    forward calls); None where none was measured (evaluation, no balancing loss configured).
+    Call once per micro-batch, after forward, and add to the loss."""
     total: Optional[torch.Tensor] = None
     for layer in moe_layers(model):
         loss = layer.pop_aux_loss()
         if loss is not None:
             total = loss if total is None else total + loss
-    if total is None:
-        param = next(model.parameters(), None)
-        return torch.zeros((), device=param.device if param is not None else None)
     return total
 
 
 def collect_metrics(model: nn.Module) -> dict[str, float]:
-    """Flat routing metrics of every MoE layer since the last call ("moe/L1/v/dropped", ...); resets."""
+    """Flat routing metrics of every MoE layer since the last call in the model's current mode
+    (training or evaluation: "moe/L1/v/dropped", ...); resets."""
     metrics: dict[str, float] = {}
     for layer in moe_layers(model):
         metrics.update(layer.pop_metrics())

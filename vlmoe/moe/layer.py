@@ -68,7 +68,9 @@ class MoE(nn.Module):
         num_local = num_experts // ep_size
         self.experts = Experts(d_model, d_ff, num_local, first_expert=ep_rank * num_local, init_std=init_std,
                                seed=seed)
-        self.stats = RoutingStats(num_experts)
+        # Training and evaluation keep their own statistics: an evaluation between two log steps
+        # must neither take the training steps' routing (and report it as validation) nor add to it.
+        self.train_stats, self.eval_stats = RoutingStats(num_experts), RoutingStats(num_experts)
         self._aux_sum: Optional[torch.Tensor] = None
         self._aux_calls = 0
 
@@ -142,8 +144,13 @@ class MoE(nn.Module):
         self._aux_sum, self._aux_calls = None, 0
         return loss
 
+    @property
+    def stats(self) -> RoutingStats:
+        """The statistics of the current mode (training or evaluation)."""
+        return self.train_stats if self.training else self.eval_stats
+
     def pop_metrics(self) -> dict[str, float]:
-        """Routing metrics since the last pop, named under `metric_prefix`; resets."""
+        """Routing metrics of the current mode since its last pop, named under `metric_prefix`; resets."""
         return self.stats.summary(self.metric_prefix)
 
     @torch.no_grad()

@@ -51,7 +51,8 @@ from vlmoe.train import checkpoint
 from vlmoe.train.distributed import DistInfo
 from vlmoe.train.evaluate import checkpoint_dir
 from vlmoe.train.export import ADAPTER_DIR, MODEL_DIR
-from vlmoe.train.trainer import RUN_INFO_FILE, Task
+from vlmoe.train.run_dir import RUN_INFO_FILE
+from vlmoe.train.trainer import Task
 
 ACCOUNTING_FILE = "accounting.json"
 # one process, whole model: no ZeRO (the task is built without a DeepSpeed config) and no expert parallelism

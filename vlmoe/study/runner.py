@@ -23,6 +23,7 @@ import yaml
 
 from vlmoe.study.plan import TRAIN_KINDS, Job, Plan
 from vlmoe.train import checkpoint
+from vlmoe.train.run_dir import differing_keys
 
 STATUS_FILE = "status.json"
 OUTPUTS = {"eval": Path("eval") / "results.json", "account": Path("accounting.json")}
@@ -66,17 +67,8 @@ def config_change(job: Job) -> Optional[str]:
         return None
     old = yaml.safe_load(written.read_text(encoding="utf-8"))
     new = yaml.safe_load(Path(job.args[1]).read_text(encoding="utf-8"))
-    changed = sorted(_differences(old, new))
+    changed = list(differing_keys(old, new, one_sided=True))
     return ", ".join(changed) if changed else None
-
-
-def _differences(old, new, prefix: str = "") -> set[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: set[str] = set()
-        for key in set(old) | set(new):
-            out |= _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return set() if old == new else {prefix.rstrip(".")}
 
 
 class Status:

@@ -44,6 +44,14 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    """The step a checkpoint tag names ('step_00000600' -> 600)."""
+    match = _TAG.match(tag)
+    if match is None:
+        raise CheckpointError(f"{tag!r} is not a checkpoint tag like 'step_00000100'")
+    return int(match.group(1))
+
+
 def install_safe_loading(engine: Any) -> None:
     """Make DeepSpeed read its checkpoint files with ``weights_only=True``."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine

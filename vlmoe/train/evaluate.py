@@ -21,7 +21,8 @@ from vlmoe.config import ConfigError, load_config
 from vlmoe.train import checkpoint
 from vlmoe.train.distributed import init_distributed
 from vlmoe.train.export import ADAPTER_DIR, MODEL_DIR
-from vlmoe.train.trainer import RUN_INFO_FILE, _check_precision, build_engine, deepspeed_config, evaluate
+from vlmoe.train.run_dir import RUN_INFO_FILE
+from vlmoe.train.trainer import _check_precision, build_engine, deepspeed_config, evaluate
 
 RESULTS_FILE = Path("eval") / "results.json"
 POINTERS = (checkpoint.POINTER, checkpoint.BEST_POINTER)

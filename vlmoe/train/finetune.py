@@ -10,7 +10,6 @@ head (``adapter/``), published as RUN_DIR/adapter. Nothing here is specific to a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -90,24 +89,18 @@ def base_identity(base: Base) -> dict:
             "weights_bytes": weights.stat().st_size}
 
 
-def check_same_base(run_dir: Path, base: Base, is_main: bool) -> None:
-    """A run resumes and is evaluated on the base it started from: RUN_DIR/base.json records it."""
+def check_same_base(run_dir: Path, base: Base) -> dict:
+    """A run resumes and is evaluated on the base it started from, which RUN_DIR/base.json records
+    (the trainer writes it, with the config, once every check has passed). Returns the base's identity."""
     path = run_dir / BASE_FILE
     identity = base_identity(base)
     recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    # every rank has read before rank 0 writes, and it writes atomically: a rank must never read
-    # the file half-written (it did: a JSONDecodeError on rank 1 of a fresh run)
-    barrier()
-    if recorded is None:
-        if is_main:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-    elif recorded != identity:
+    if recorded is not None and recorded != identity:
         changed = sorted(k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k))
         raise ConfigError(f"the base changed since {run_dir} started ({', '.join(changed)}: "
                           f"{[recorded.get(k) for k in changed]} -> {[identity.get(k) for k in changed]}); "
                           f"fine-tune the new base into another run_dir")
+    return identity
 
 
 def named_task(cfg: RunConfig) -> DownstreamTask:
@@ -128,7 +121,7 @@ def build_finetune_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
     base = load_base(cfg, task, vocab, ds_config)
     if task.uses_text and base.text_tokenizer is None:
         raise ConfigError(f"task '{task.name}' reads text, and the base has no text tokenizer")
-    check_same_base(Path(cfg.run_dir), base, info.is_main)
+    identity = check_same_base(Path(cfg.run_dir), base)
     inputs = TaskInputs.create(base.text_tokenizer, base.image_size, base.max_text_len, vocab)
     splits = _usable(task, splits, inputs, info.is_main)
 
@@ -171,6 +164,7 @@ def build_finetune_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
         main_metric=task.main_metric,
         lower_is_better=False,
         baseline=task.trivial_baseline(train, validation, inputs, cfg.data.eval_max_examples),
+        identity_files={BASE_FILE: identity},
     )
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vlmoe.config import ConfigError, RunConfig, dump_config, merge_dicts
+from vlmoe.config import ConfigError, RunConfig, merge_dicts
 from vlmoe.data.loader import StepBatches, iterate, to_device
 from vlmoe.moe import moe_layers
 from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
@@ -28,6 +28,7 @@ from vlmoe.train.distributed import DistInfo, all_reduce_mean, barrier, init_dis
 from vlmoe.train.metrics import MetricsLog
 from vlmoe.train.nonfinite import NonFiniteError, local_weights_finite, nonfinite_outputs
 from vlmoe.train.preemption import Preempted, preemption_signals
+from vlmoe.train.run_dir import check_rerun, describe, record_run
 from vlmoe.train.schedule import lr_at
 
 
@@ -38,9 +39,9 @@ class Task:
     ``model(batch)`` returns a dict with "loss" and any scalar metrics to log ("num_examples"
     weighs evaluation batches).
     ``extra_loss(model)``: a term added to each micro-batch's loss after its forward (the MoE
-    layers' auxiliary losses), logged as "aux_loss".
-    ``extra_metrics(model)``: metrics gathered during forward passes and read at log steps and
-    after each evaluation (MoE routing statistics).
+    layers' auxiliary losses), logged as "aux_loss"; None where nothing was measured (evaluation).
+    ``extra_metrics(model)``: metrics gathered during forward passes of the model's current mode,
+    read at log steps (training) and after each evaluation (MoE routing statistics).
     ``evaluate_outputs(outputs, device)``: validation metrics from the model's outputs over this
     rank's share of the evaluation pass, where batch means are not the metric (retrieval); collective.
     ``main_metric``: the validation metric (higher is better, or lower when ``lower_is_better``)
@@ -49,6 +50,8 @@ class Task:
     ``export(model, directory, step)``: writes the run's portable weights (an adapter, or the
     whole model) into a checkpoint before it is committed; collective. The newest is published as RUN_DIR/<export_name>.
     ``baseline``: metrics of a trivial predictor, logged at step 0 (majority class, chance).
+    ``identity_files``: JSON files that pin what the run is built on (``base.json``), written into
+    the run directory with its config once the task and its engine are built.
     """
 
     model: torch.nn.Module
@@ -64,6 +67,7 @@ class Task:
     main_metric: str = "loss"
     lower_is_better: bool = True
     baseline: dict = field(default_factory=dict)
+    identity_files: dict[str, dict] = field(default_factory=dict)
 
 
 def _seed_step(seed: int, step: int, micro: int, rank: int) -> None:
@@ -139,9 +143,10 @@ def _scalars(out: dict) -> dict[str, float]:
 
 def _forward(engine, batch: dict, info: DistInfo, task: Task) -> dict:
     out = engine(to_device(batch, info.device, _dtype(engine)))
-    if task.extra_loss is not None:
-        out["aux_loss"] = task.extra_loss(engine.module)
-        out["loss"] = out["loss"] + out["aux_loss"]
+    aux_loss = task.extra_loss(engine.module) if task.extra_loss is not None else None
+    if aux_loss is not None:
+        out["aux_loss"] = aux_loss
+        out["loss"] = out["loss"] + aux_loss
     return out
 
 
@@ -190,9 +195,6 @@ def _forget_zero3_trace(engine) -> None:
     offload = getattr(engine.optimizer, "parameter_offload", None)
     if offload is not None:
         offload.get_param_coordinator()._invalidate_trace()
-
-
-RUN_INFO_FILE = "run.json"
 
 
 @dataclass
@@ -281,17 +283,22 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
     _check_precision(cfg.train.precision)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    if info.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        (run_dir / RUN_INFO_FILE).write_text(json.dumps({"command": command}) + "\n", encoding="utf-8")
-    barrier()
+    rerun = check_rerun(cfg, command)  # reads the run directory only
 
     ds_config = deepspeed_config(cfg, info.world_size)
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, on any launcher
     task = build_task(cfg, info, ds_config)
     setup = build_engine(cfg, task, info, ds_config)
     engine, t = setup.engine, cfg.train
+    # Every check has passed: now the run directory is written. Every rank has read it (the
+    # rerun and base checks) before rank 0 writes, and no rank goes on before it has.
+    barrier()
+    if info.is_main:
+        record_run(cfg, command, task.identity_files)
+        warning = describe(rerun, cfg)
+        if warning:
+            print(warning, flush=True)
+    barrier()
 
     start_step, nonfinite_skips = 0, 0
     tag = checkpoint.committed_tag(ckpt_dir)
