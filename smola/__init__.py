@@ -3,7 +3,7 @@
     import smola
     model = smola.inject(model, smola.SMoLAConfig(num_experts=48, rank=4, mode="omni"))
     print(smola.trainable_parameters(model))
-    smola.save_adapter(model, "out/adapter")
+    smola.save_adapter(model, "out/adapter")   # a lone LoRA in PEFT's format, others in SMoLA's own
     smola.load_adapter(fresh_base_model, "out/adapter")
 
 Token masks (padding, visual vs text) come from ``smola.token_masks`` blocks declared by

@@ -58,7 +58,7 @@ class SMoLAConfig:
 
 @dataclass
 class LoRAConfig:
-    """LoRA of rank ``rank`` (scaled by ``scale``) on each targeted linear."""
+    """LoRA of rank ``rank`` on each targeted linear, its B A x scaled by ``scale`` (PEFT's lora_alpha / r)."""
 
     rank: int = 4
     scale: float = 1.0

@@ -3,8 +3,9 @@
 - A pretraining run's ``model/``: ``model_config.json`` (model and MoE settings, the step),
   ``model.safetensors`` (every weight, experts as whole [E, ...] pools), and the text and visual
   tokenizers the model was trained with. Fine-tuning and ``vlmoe eval`` build bases from it.
-- A fine-tuning run's ``adapter/``: PEFT-style ``adapter_config.json`` +
-  ``adapter_model.safetensors`` (the whole adapter stack), ``task_head.safetensors`` and
+- A fine-tuning run's ``adapter/``: ``adapter_config.json`` + ``adapter_model.safetensors`` (the
+  whole adapter stack: in PEFT's LoRA format for a plain LoRA, which ``peft.PeftModel`` loads onto
+  the base, in SMoLA's own otherwise; see ``smola.adapter_io``), ``task_head.safetensors`` and
   ``task.json`` (task, vocabulary, base).
 
 Both are gathered from ZeRO-3 partitions and expert-parallel shards, so they depend on neither
@@ -88,7 +89,8 @@ def load_model_weights(model: nn.Module, model_dir: Path) -> None:
 
 def export_adapter(model: nn.Module, out_dir: Path, task_info: dict, is_main: bool) -> None:
     """Write ``out_dir`` = the adapter stack of ``model.backbone``, the task head (every module of
-    ``model.head_modules()``) and ``task_info`` as task.json. Collective."""
+    ``model.head_modules()``) and ``task_info`` as task.json; a PEFT config names a Hugging Face
+    base by its ``finetune.hf_model`` path. Collective."""
     import deepspeed
     from safetensors.torch import save_file
 
@@ -101,7 +103,8 @@ def export_adapter(model: nn.Module, out_dir: Path, task_info: dict, is_main: bo
         head_state = {n: p.detach().cpu().clone().contiguous() for n, p in head.items()}
 
     def write(tmp: Path) -> None:
-        smola.save_adapter(model.backbone, tmp, state_dict=adapter_state)
+        smola.save_adapter(model.backbone, tmp, state_dict=adapter_state,
+                           base_model_name_or_path=task_info["base"].get("hf_model"))
         save_file(head_state, str(tmp / HEAD_FILE))
         (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n", encoding="utf-8")
 
