@@ -3,6 +3,7 @@
 
     python scripts/bench_moe.py                       # issue target: S=8192, d=768, d_ff=3072, E=32
     python scripts/bench_moe.py --tokens 2048 --rounds 3 --sweep 8,32,128
+    python scripts/bench_moe.py --device cuda         # on a GPU (DeepSpeed's layer on a 1-rank nccl group)
 """
 from __future__ import annotations
 
@@ -33,45 +34,54 @@ class DenseFFN(nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (GPU kernels run asynchronously to the timer)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Step:
     """One layer's forward+backward; gradients are dropped before each step, as an optimizer step
     with zero_grad(set_to_none=True) would, so no implementation pays for accumulating them."""
 
-    def __init__(self, layer: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.layer, self.loss = layer, loss
+    def __init__(self, layer: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> None:
+        self.layer, self.loss, self.device = layer.to(device), loss, device
 
     def __call__(self, x: torch.Tensor) -> float:
         self.layer.zero_grad(set_to_none=True)
         x.grad = None
+        synchronize(self.device)
         start = time.perf_counter()
         self.loss(x).backward()
+        synchronize(self.device)
         return time.perf_counter() - start
 
 
-def _ours(d: int, d_ff: int, experts: int, cf: float, backend: str = "ours") -> Step:
+def _ours(d: int, d_ff: int, experts: int, cf: float, device: torch.device, backend: str = "ours") -> Step:
     layer = MoE(d, d_ff, experts, k=1, capacity_factor=cf, batch_priority=True, aux_losses=("vloss",),
                 backend=backend).train()
-    return Step(layer, lambda x: layer(x).float().sum() + layer.pop_aux_loss())
+    return Step(layer, lambda x: layer(x).float().sum() + layer.pop_aux_loss(), device)
 
 
-def _experts_only(d: int, d_ff: int, experts: int, cf: float, tokens: int) -> Step:
+def _experts_only(d: int, d_ff: int, experts: int, cf: float, tokens: int, device: torch.device) -> Step:
     """Our experts alone on full [E, C, d] buffers: the batched expert GEMMs that any top-1
     layer of this size runs, without routing, dispatch or combine (the floor over E)."""
     layer = Experts(d, d_ff, experts)
-    buffers = torch.randn(experts, buffer_capacity(math.ceil(cf * tokens / experts)), d, requires_grad=True)
+    buffers = torch.randn(experts, buffer_capacity(math.ceil(cf * tokens / experts)), d, device=device,
+                          requires_grad=True)
 
     def loss(_: torch.Tensor) -> torch.Tensor:
         buffers.grad = None
         return layer(buffers).float().sum()
-    return Step(layer, loss)
+    return Step(layer, loss, device)
 
 
-def _dense(d: int, d_ff: int) -> Step:
+def _dense(d: int, d_ff: int, device: torch.device) -> Step:
     layer = DenseFFN(d, d_ff)
-    return Step(layer, lambda x: layer(x).float().sum())
+    return Step(layer, lambda x: layer(x).float().sum(), device)
 
 
-def _deepspeed(d: int, d_ff: int, experts: int, cf: float) -> Step:
+def _deepspeed(d: int, d_ff: int, experts: int, cf: float, device: torch.device) -> Step:
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
     layer = DeepSpeedMoE(hidden_size=d, expert=DenseFFN(d, d_ff), num_experts=experts, ep_size=1, k=1,
@@ -81,10 +91,10 @@ def _deepspeed(d: int, d_ff: int, experts: int, cf: float) -> Step:
     def loss(x: torch.Tensor) -> torch.Tensor:
         out, l_aux, _ = layer(x.unsqueeze(0))
         return out.float().sum() + 0.01 * l_aux
-    return Step(layer, loss)
+    return Step(layer, loss, device)
 
 
-def _tutel(d: int, d_ff: int, experts: int, cf: float):
+def _tutel(d: int, d_ff: int, experts: int, cf: float, device: torch.device):
     try:
         from tutel import moe as tutel_moe
     except ImportError:
@@ -95,17 +105,21 @@ def _tutel(d: int, d_ff: int, experts: int, cf: float):
                                                       # GELU as ours; also, tutel 82af7aa's ReLU default
                                                       # names an F it never imports
                                                       "activation_fn": torch.nn.functional.gelu})
-    return Step(layer, lambda x: layer(x.unsqueeze(0)).float().sum() + layer.l_aux)
+    return Step(layer, lambda x: layer(x.unsqueeze(0)).float().sum() + layer.l_aux, device)
 
 
-def _init_single_rank() -> None:
+def _init_single_rank(device: torch.device) -> None:
+    """A one-rank process group for DeepSpeed's layer (its expert groups): gloo on CPU, nccl on GPUs."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group(backend, rank=0, world_size=1)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def main() -> None:
@@ -120,21 +134,30 @@ def main() -> None:
     parser.add_argument("--sweep", default="8,32,128",
                         help="expert counts for the flatness check, a second interleaved group ('' = none)")
     parser.add_argument("--no-deepspeed", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or a CUDA device: cuda, cuda:1")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+        if device.index is None:  # "cuda": the current device, by its index (set_device needs one)
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.randn(args.tokens, args.d, requires_grad=True)
-    steps: dict[str, Step] = {"dense": _dense(args.d, args.d_ff),
-                                  f"ours E={args.experts}": _ours(args.d, args.d_ff, args.experts, args.cf)}
+    x = torch.randn(args.tokens, args.d, device=device, requires_grad=True)
+    steps: dict[str, Step] = {"dense": _dense(args.d, args.d_ff, device),
+                              f"ours E={args.experts}": _ours(args.d, args.d_ff, args.experts, args.cf, device)}
     if not args.no_deepspeed:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        _init_single_rank()
-        steps[f"deepspeed E={args.experts}"] = _deepspeed(args.d, args.d_ff, args.experts, args.cf)
-    tutel = _tutel(args.d, args.d_ff, args.experts, args.cf)
+        _init_single_rank(device)
+        steps[f"deepspeed E={args.experts}"] = _deepspeed(args.d, args.d_ff, args.experts, args.cf, device)
+    tutel = _tutel(args.d, args.d_ff, args.experts, args.cf, device)
     if tutel is not None:  # tutel's own layer, and ours with tutel's dispatch kernels
         steps[f"tutel E={args.experts}"] = tutel
-        steps[f"ours+tutel E={args.experts}"] = _ours(args.d, args.d_ff, args.experts, args.cf, backend="tutel")
-    print(f"S={args.tokens} d={args.d} d_ff={args.d_ff} cf={args.cf} top-1, fwd+bwd, {args.threads} threads, "
+        steps[f"ours+tutel E={args.experts}"] = _ours(args.d, args.d_ff, args.experts, args.cf, device,
+                                                      backend="tutel")
+    where = f"{args.threads} threads" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+    print(f"S={args.tokens} d={args.d} d_ff={args.d_ff} cf={args.cf} top-1, fwd+bwd, {where}, "
           f"median of {args.rounds} interleaved rounds{'' if tutel else ' (tutel not installed)'}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     _report(_measure(steps, x, args.rounds))
@@ -144,10 +167,11 @@ def main() -> None:
         # disturb the cache and allocator state of the main comparison.
         steps = {"dense": steps["dense"]}
         for experts in sweep:
-            steps[f"ours E={experts}"] = _ours(args.d, args.d_ff, experts, args.cf)
-            steps[f"experts only E={experts}"] = _experts_only(args.d, args.d_ff, experts, args.cf, args.tokens)
+            steps[f"ours E={experts}"] = _ours(args.d, args.d_ff, experts, args.cf, device)
+            steps[f"experts only E={experts}"] = _experts_only(args.d, args.d_ff, experts, args.cf, args.tokens,
+                                                               device)
             if not args.no_deepspeed:
-                steps[f"deepspeed E={experts}"] = _deepspeed(args.d, args.d_ff, experts, args.cf)
+                steps[f"deepspeed E={experts}"] = _deepspeed(args.d, args.d_ff, experts, args.cf, device)
         print("sweep over the number of experts (the weights to read and their gradients to write grow with E;\n"
               "'experts only' is the batched expert GEMMs alone, the part of any layer that grows with E)")
         _report(_measure(steps, x, args.rounds))

@@ -10,7 +10,7 @@ forward under no_grad, and forward+backward with x requiring grad (as every laye
 first does). Then the end-to-end forward overhead of SMoLA_O with 48 experts on the BASE
 multiway backbone (image-text pairs), unless --skip-e2e.
 
-    python scripts/bench_smola.py [--batch 8 --tokens 1024 --dim 768 --reps 7]
+    python scripts/bench_smola.py [--batch 8 --tokens 1024 --dim 768 --reps 7] [--device cuda]
 """
 from __future__ import annotations
 
@@ -54,10 +54,25 @@ def plain_smola(block: smola.SMoLALinear) -> Callable[[torch.Tensor], torch.Tens
     return run
 
 
-def timed(fn: Callable[[], object]) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (GPU kernels run asynchronously to the timer)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - start
+
+
+def where(device: torch.device) -> str:
+    """What the timings ran on, for the headers."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{torch.get_num_threads()} threads"
 
 
 def forward_only(module: Callable, x: torch.Tensor) -> Callable[[], object]:
@@ -76,17 +91,18 @@ def forward_backward(module: Callable, x: torch.Tensor, grad: torch.Tensor) -> C
 
 def bench_block(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
+    device = torch.device(args.device)
     batch, tokens, dim = args.batch, args.tokens, args.dim
     total_tokens = batch * tokens
-    base = nn.Linear(dim, dim).requires_grad_(False)
-    x = torch.randn(batch, tokens, dim, requires_grad=True)
-    grad = torch.randn(batch, tokens, dim)
+    base = nn.Linear(dim, dim).requires_grad_(False).to(device)
+    x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
+    grad = torch.randn(batch, tokens, dim, device=device)
     variants: dict[str, Callable] = {"frozen": base}
     floors: dict[str, tuple[float, float]] = {}
     frozen_fwd = 2.0 * total_tokens * dim * dim
     for experts in args.experts:
-        block = smola.SMoLALinear(base, experts, args.rank)
-        lora = smola.LoRALinear(base, rank=args.rank * experts)
+        block = smola.SMoLALinear(base, experts, args.rank).to(device)
+        lora = smola.LoRALinear(base, rank=args.rank * experts).to(device)
         with torch.no_grad():  # trained-looking adapters (zeros would not change the timing, but be honest)
             block.w_out.normal_(0, 0.02)
             lora.lora_b.normal_(0, 0.02)
@@ -104,10 +120,10 @@ def bench_block(args: argparse.Namespace) -> None:
             forward_backward(module, x, grad)()
     for _ in range(args.reps):  # interleaved: every variant once per round
         for name, module in variants.items():
-            times[name]["fwd"].append(timed(forward_only(module, x)))
-            times[name]["fwdbwd"].append(timed(forward_backward(module, x, grad)))
+            times[name]["fwd"].append(timed(forward_only(module, x), device))
+            times[name]["fwdbwd"].append(timed(forward_backward(module, x, grad), device))
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
-    print(f"x [{batch}, {tokens}, {dim}] -> {dim}, rank {args.rank}, {torch.get_num_threads()} threads, "
+    print(f"x [{batch}, {tokens}, {dim}] -> {dim}, rank {args.rank}, {where(device)}, "
           f"median of {args.reps} interleaved rounds")
     print(f"{'variant':<14} {'fwd ms':>8} {'fwd x':>7} {'floor':>6}   {'f+b ms':>8} {'f+b x':>7} {'floor':>6}")
     for name, m in med.items():
@@ -123,6 +139,7 @@ def bench_backbone(args: argparse.Namespace) -> None:
     from vlmoe.model.multiway import MultiwayTransformer
 
     torch.manual_seed(0)
+    device = torch.device(args.device)
     cfg = model_config("base")
     frozen = MultiwayTransformer(cfg).eval()
     adapted = MultiwayTransformer(cfg).eval()
@@ -133,8 +150,9 @@ def bench_backbone(args: argparse.Namespace) -> None:
             for name, p in model.named_parameters():
                 if name.endswith("w_out"):
                     p.normal_(0, 0.02)
-    pixels = torch.randn(args.e2e_batch, 3, cfg.image_size, cfg.image_size)
-    text = torch.randint(0, cfg.vocab_size, (args.e2e_batch, args.e2e_text))
+    frozen, adapted = frozen.to(device), adapted.to(device)
+    pixels = torch.randn(args.e2e_batch, 3, cfg.image_size, cfg.image_size, device=device)
+    text = torch.randint(0, cfg.vocab_size, (args.e2e_batch, args.e2e_text), device=device)
     runs = {"frozen": frozen, "smola_O 48": adapted}
     times: dict[str, list[float]] = {k: [] for k in runs}
     with torch.no_grad():
@@ -142,7 +160,7 @@ def bench_backbone(args: argparse.Namespace) -> None:
             model(pixels, text)
         for _ in range(args.e2e_reps):
             for name, model in runs.items():
-                times[name].append(timed(lambda m=model: m(pixels, text)))
+                times[name].append(timed(lambda m=model: m(pixels, text), device))
     base_ms = statistics.median(times["frozen"]) * 1e3
     smola_ms = statistics.median(times["smola_O 48"]) * 1e3
     report = smola.trainable_parameters(adapted)
@@ -166,7 +184,16 @@ def main() -> None:
     parser.add_argument("--e2e-batch", type=int, default=4)
     parser.add_argument("--e2e-text", type=int, default=32)
     parser.add_argument("--e2e-reps", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or a CUDA device: cuda, cuda:1")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+        if device.index is None:  # "cuda": the current device, by its index (set_device needs one)
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        args.device = str(device)
     torch.set_num_threads(args.threads)
     bench_block(args)
     if not args.skip_e2e:

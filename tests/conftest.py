@@ -19,6 +19,11 @@ TEST_OVERRIDES = [
 ]
 
 
+def pytest_configure(config):
+    # `pytest -m gpu` (scripts/gpu_check.sh) selects the CUDA tests; they skip without CUDA
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); run with -m gpu")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

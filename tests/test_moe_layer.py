@@ -147,6 +147,21 @@ def test_padding_takes_no_capacity_and_gets_zero_output():
         layer(x, mask[:, :3])
 
 
+def test_experts_run_in_the_autocast_dtype_and_train_their_fp32_weights():
+    # a custom autograd function is not cast by autocast: the layer casts for it (it used to fail
+    # with "Input dtypes must be the same" in the second expert GEMM)
+    torch.manual_seed(0)
+    layer = MoE(16, 32, 4, noise_std=0.0, aux_losses=("switch",)).train()
+    x = torch.randn(2, 12, 16)
+    reference = layer(x)
+    layer.pop_aux_loss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    (out.float().sum() + layer.pop_aux_loss()).backward()
+    assert torch.allclose(out.float(), reference, atol=0.05, rtol=0.05)
+    assert layer.experts.w_in.grad.dtype == torch.float32 and layer.experts.w_in.grad.abs().sum() > 0
+
+
 def test_training_noise_aux_loss_and_task_metrics():
     torch.manual_seed(3)
     layer = MoE(8, 16, 4, aux_losses=("vloss", "switch"), z_loss_weight=0.001, metric_prefix="moe/L1/v").train()

@@ -130,8 +130,13 @@ class Experts(nn.Module):
         """
         tile = experts_per_tile(buffers, self.d_ff)
         rows = tile_rows(rows_used, buffers.shape[1], buffers.shape[0], tile)
-        return _ExpertFFN.apply(buffers, self.w_in, self.b_in, self.w_out, self.b_out, tile, rows,
-                                self.grad_buffers)
+        # Autocast does not reach inside a custom autograd function: cast here (differentiably, a
+        # no-op without autocast) so that the expert GEMMs run in the autocast dtype, as nn.Linear's.
+        device = buffers.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else buffers.dtype
+        weights = [p.to(dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out)]
+        with torch.autocast(device, enabled=False):
+            return _ExpertFFN.apply(buffers.to(dtype), *weights, tile, rows, self.grad_buffers)
 
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
