@@ -33,8 +33,22 @@ def losses(run_dir: Path) -> dict[int, tuple]:
 def reference(prepared_data, tmp_path_factory) -> Path:
     """One uninterrupted run through the deepspeed launcher: the numbers the others must match."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    run(deepspeed_cmd(2, *pretrain_args(prepared_data, run_dir)), timeout=600)
+    proc = run(deepspeed_cmd(2, *pretrain_args(prepared_data, run_dir)), timeout=600)
+    (run_dir.parent / "launch.log").write_text(proc.stdout + proc.stderr)
     return run_dir
+
+
+def test_the_log_names_the_run_and_shows_each_warning_once(reference):
+    lines = (reference.parent / "launch.log").read_text().splitlines()
+    header = [line for line in lines if line.startswith("pretrain (pretrain_tiny ")]
+    assert len(header) == 1 and header[0].endswith(f"-> {reference}: world size 2, ZeRO stage 1, EP size 1, "
+                                                   f"precision fp32, {STEPS} steps"), header
+    summary = [line for line in lines if line.startswith("done: ")]
+    assert len(summary) == 1 and re.fullmatch(rf"done: step {STEPS} \({STEPS} steps in [\d.]+ s, [\d,]+ tokens/s\)",
+                                              summary[0]), summary
+    warned = [line for line in lines if "Warning" in line]
+    assert len(warned) == len(set(warned)), warned  # DeepSpeed's deprecated collectives: once, not per rank and call
+    assert all(line.startswith("warning: ") for line in warned if "FutureWarning" in line), warned
 
 
 def test_run_directory_and_falling_losses(reference):

@@ -38,13 +38,13 @@ def _prepare(config: str, overrides: list[str]) -> None:
 def _pretrain(config: str, overrides: list[str]) -> None:
     from vlmoe.train.pretrain import pretrain
 
-    pretrain(load_config(config, overrides))
+    pretrain(load_config(config, overrides), origin=" ".join([config, *overrides]))
 
 
 def _finetune(config: str, overrides: list[str]) -> None:
     from vlmoe.train.finetune import finetune
 
-    finetune(load_config(config, overrides))
+    finetune(load_config(config, overrides), origin=" ".join([config, *overrides]))
 
 
 def _eval(run_dir: str, overrides: list[str]) -> None:

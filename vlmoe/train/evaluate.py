@@ -20,6 +20,7 @@ import torch
 from vlmoe.config import ConfigError, load_config
 from vlmoe.train import checkpoint
 from vlmoe.train.distributed import init_distributed
+from vlmoe.train.logs import show_warnings_once
 from vlmoe.train.export import ADAPTER_DIR, MODEL_DIR
 from vlmoe.train.run_dir import RUN_INFO_FILE
 from vlmoe.train.trainer import _check_precision, build_engine, deepspeed_config, evaluate
@@ -55,6 +56,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: list[str]) -> dict:
     tag_dir = checkpoint_dir(run_dir, cfg.eval.checkpoint)
 
     info = init_distributed(cfg.train.dist_timeout_s, shm_comm=cfg.train.shm_comm)
+    show_warnings_once(info.is_main)
     _check_precision(cfg.train.precision)
     ds_config = deepspeed_config(cfg, info.world_size)
     torch.manual_seed(cfg.seed)

@@ -168,8 +168,8 @@ def build_finetune_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
     )
 
 
-def finetune(cfg: RunConfig) -> Path:
+def finetune(cfg: RunConfig, origin: str = "") -> Path:
     from vlmoe.train.trainer import run
 
     named_task(cfg)  # before any process group or data: a typo costs nothing
-    return run(cfg, build_finetune_task, "finetune")
+    return run(cfg, build_finetune_task, "finetune", origin)

@@ -161,8 +161,8 @@ def _load_split(root: Path, subset: str, split: str):
     return dataset[split]
 
 
-def pretrain(cfg: RunConfig) -> Path:
+def pretrain(cfg: RunConfig, origin: str = "") -> Path:
     from vlmoe.train.trainer import run
 
     torch.set_float32_matmul_precision("high")
-    return run(cfg, build_pretrain_task, "pretrain")
+    return run(cfg, build_pretrain_task, "pretrain", origin)

@@ -25,6 +25,7 @@ from vlmoe.moe import moe_layers
 from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
 from vlmoe.train import checkpoint
 from vlmoe.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from vlmoe.train.logs import run_header, run_summary, show_warnings_once
 from vlmoe.train.metrics import MetricsLog
 from vlmoe.train.nonfinite import NonFiniteError, local_weights_finite, nonfinite_outputs
 from vlmoe.train.preemption import Preempted, preemption_signals
@@ -271,15 +272,18 @@ def _improves(value: Optional[float], best: Optional[float], lower_is_better: bo
     return best is None or (value < best if lower_is_better else value > best)
 
 
-def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task], command: str) -> Path:
+def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task], command: str,
+        origin: str = "") -> Path:
     """Train ``build_task``'s task under ``cfg``; resumes if the run directory has a checkpoint.
 
     ``build_task(cfg, info, ds_config)`` builds its model inside
     ``vlmoe.zero3.partitioned_construction(ds_config)`` (``hf_partitioning`` for Hugging Face
     models) and loads weights outside it, so that under ZeRO-3 no rank holds the model whole.
-    ``command`` ("pretrain", "finetune") is recorded in RUN_DIR/run.json for ``vlmoe eval``.
+    ``command`` ("pretrain", "finetune") is recorded in RUN_DIR/run.json for ``vlmoe eval``;
+    ``origin`` (the config and overrides it came from) is named in the run's first line.
     """
     info = init_distributed(cfg.train.dist_timeout_s, shm_comm=cfg.train.shm_comm)
+    show_warnings_once(info.is_main)
     _check_precision(cfg.train.precision)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -308,6 +312,10 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
         start_step, nonfinite_skips = state["step"], state.get("nonfinite_skips", 0)
         if info.is_main:
             print(f"resuming from {ckpt_dir / tag} at step {start_step}", flush=True)
+    if info.is_main:
+        print(run_header(command, cfg.run_dir, origin, info.world_size, setup.zero_stage, _ep_size(cfg),
+                         "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
+                         start_step, t.steps), flush=True)
     main_key = f"val/{task.main_metric}"
     best = (checkpoint.best_state(ckpt_dir) or {}).get("val", {}).get(main_key)
 
@@ -317,6 +325,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
     progress = _progress_bar(cfg, start_step, info)
     batches = iterate(task.train_batches, start_step * t.grad_accum, cfg.data.num_workers)
     window_start, window_tokens = time.perf_counter(), 0
+    invocation_start, invocation_tokens = window_start, 0
     # wall-clock of training so far ("time_s", logged on rank 0's clock): a resumed run goes on from its last record
     clock_start = window_start - all_reduce_mean({"t": log.resumed_time_s}, info.device)["t"] * info.world_size
 
@@ -340,7 +349,9 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
             for micro in range(t.grad_accum):
                 _seed_step(cfg.seed, step, micro, info.rank)
                 batch = next(batches)
-                window_tokens += task.count_tokens(batch)
+                tokens = task.count_tokens(batch)
+                window_tokens += tokens
+                invocation_tokens += tokens
                 out = _forward(engine, batch, info, task)
                 bad = nonfinite_outputs(out)
                 if _on_any_rank(bool(bad), info.device):  # before the update: the weights stay as they were
@@ -388,8 +399,10 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
 
     progress.close()
     log.close()
+    seconds = time.perf_counter() - invocation_start
+    tokens = all_reduce_mean({"tokens": invocation_tokens}, info.device)["tokens"] * info.world_size
     if info.is_main:
-        print(f"done: {t.steps} steps\n  checkpoint: {ckpt_dir / checkpoint.committed_tag(ckpt_dir)}\n"
+        print(f"{run_summary(start_step, t.steps, seconds, tokens)}\n  checkpoint: {ckpt_dir / checkpoint.committed_tag(ckpt_dir)}\n"
               f"  metrics:    {run_dir / 'metrics.jsonl'}\n  tensorboard: {run_dir / 'tensorboard'}", flush=True)
     return run_dir
 
