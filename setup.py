@@ -39,6 +39,7 @@ setup(
         "tqdm",
         "matplotlib",  # study plots and Phi Phi^T heatmaps
         "easy-vqa",  # offline VQA data (images and questions ship in the wheel): the vqa and nlvr2 tasks
+        "webdataset>=0.2.57",  # tar shards as a source; its grouping's error handler works from 0.2.57
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "peft"],  # peft: adapters load with PEFT itself

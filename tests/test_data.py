@@ -1,16 +1,20 @@
-"""Offline data sources, image conversion and `prepare` (datasets on disk, splits, skips, errors)."""
+"""Offline data sources, lazy image references, image conversion and `prepare` (datasets on disk,
+splits, skips, errors)."""
 import itertools
 import json
+import pickle
 
-import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from vlmoe.data import sources
+from vlmoe.data.image_refs import BytesImage, EmojiImage, FileImage, ImageRef, RawImage, SkipItem
 from vlmoe.data.images import image_to_tensor, limit_size, to_rgb
-from vlmoe.data.prepare import REPORT_FILE, SourceSpec, prepare, split_of
+from vlmoe.data.layout import MANIFEST_FILE, SPLITS, load_split
+from vlmoe.data.prepare import REPORT_FILE, SourceSpec, prepare
+from vlmoe.data.prepare_units import split_of
 from vlmoe.data.sources import DataError, SkipCounter, open_source
 from vlmoe.data.text_tokenizer import TextTokenizer
 from vlmoe.data.visual_tokenizer import load_visual_tokenizer
@@ -28,8 +32,11 @@ def test_fashion_mnist_records():
     records, skips = _take("fashion_mnist", 3)
     assert [r["label"] for r in records] == [9, 0, 0]  # the well-known first train labels
     assert records[0]["label_name"] == "Ankle boot" and records[0]["key"] == "train/0"
-    assert records[0]["image"].size == (28, 28) and records[0]["image"].mode == "L"
-    assert np.asarray(records[0]["image"]).max() > 100
+    assert isinstance(records[0]["image"], RawImage) and len(records[0]["image"].data) == 28 * 28
+    image = records[0]["image"].open()
+    assert image.size == (28, 28) and image.mode == "L"
+    assert np.asarray(image).max() > 100
+    assert records[0]["image"].where.endswith("train-images-idx3-ubyte.gz:0")
     assert skips.total == 0
 
 
@@ -38,7 +45,9 @@ def test_tuxpaint_stamps_records_and_counted_gaps():
     first = records[0]
     assert set(first) == {"image", "text", "label_name", "source", "key"}
     assert first["text"] == "A frog." and first["label_name"] == "animals/amphibians"
-    assert first["image"].size[0] > 50
+    assert isinstance(first["image"], FileImage) and first["image"].where.endswith(first["key"] + ".png")
+    image = first["image"].open()
+    assert image.size[0] > 50 and image.format == "PNG"
     # SVG-only stamps and PNGs without a description are counted, with locations.
     assert skips.counts["stamp without PNG image"] > 100
     assert skips.as_dict()["stamp without PNG image"]["examples"][0].endswith(".txt")
@@ -48,7 +57,8 @@ def test_noto_emoji_records():
     records, skips = _take("noto_emoji", 2)
     assert [r["text"] for r in records] == ["grinning face", "grinning face with big eyes"]
     assert records[0]["label_name"] == "Smileys & Emotion/face-smiling"
-    image = records[0]["image"]
+    assert records[0]["image"].where.startswith(f"{sources.EMOJI_TEST_FILE}:")
+    image = records[0]["image"].open()
     assert image.mode == "RGBA" and image.getbbox() is not None
     colours = np.asarray(to_rgb(image)).reshape(-1, 3)
     assert (colours[:, 0].astype(int) - colours[:, 2].astype(int)).max() > 100  # a yellow face, in colour
@@ -68,7 +78,8 @@ def test_easy_vqa_pretraining_pairs_use_train_images_only():
     assert len(records) == len(attributes) == 3578 and skips.total == 0
     first = records[0]
     shape, color = attributes[int(first["key"].split("/")[1])]
-    assert first["text"] == f"a {color} {shape}" and first["label_name"] == shape and first["image"].size == (64, 64)
+    assert first["text"] == f"a {color} {shape}" and first["label_name"] == shape
+    assert first["image"].open().size == (64, 64)
     assert all(r["key"].startswith("train/") for r in records)  # the test images are the tasks' validation
 
 
@@ -120,13 +131,23 @@ def test_jsonl_records_and_skips(user_data):
     skips = SkipCounter()
     records = list(sources.jsonl(user_data / "data.jsonl", skips))
     kinds = [("image" in r, "text" in r) for r in records]
-    assert kinds == [(True, True), (True, True), (False, True), (True, False)]
+    assert kinds == [(True, True), (True, True), (False, True), (True, False), (True, True), (True, True)]
     assert records[3]["label"] == -1
-    assert records[0]["text"] == "a red rectangle" and records[0]["image"].size == (40, 20)
-    assert skips.counts == {"corrupt image": 1, "missing image file": 1, "empty text": 1,
-                            "bad JSONL line": 1, "JSONL line without image or text": 1}
+    assert records[0]["text"] == "a red rectangle" and records[0]["image"].open().size == (40, 20)
+    # iterating finds what needs no decoding; the broken image files surface when opened
+    assert skips.counts == {"empty text": 1, "bad JSONL line": 1, "JSONL line without image or text": 1}
     assert skips.examples["bad JSONL line"] == [f"{user_data / 'data.jsonl'}:8"]
-    assert skips.examples["missing image file"][0].endswith("missing.png")
+    assert [r["key"] for r in records[4:]] == ["5", "6"]
+    with pytest.raises(SkipItem) as corrupt:
+        records[4]["image"].open()
+    assert corrupt.value.reason == "corrupt image" and corrupt.value.where == str(user_data / "img" / "corrupt.png")
+    with pytest.raises(SkipItem) as missing:
+        records[5]["image"].open()
+    assert missing.value.reason == "missing image file" and missing.value.where.endswith("missing.png")
+    opened = SkipCounter()
+    assert [sources.open_image(r["image"], opened) is not None for r in records if "image" in r] == [
+        True, True, True, False, False]
+    assert opened.counts == {"corrupt image": 1, "missing image file": 1}
 
 
 def test_text_files_paragraphs_and_skips(user_data):
@@ -149,8 +170,14 @@ def test_image_folder_classes_and_skips(tmp_path):
     _png(tmp_path / "stray.png")
     skips = SkipCounter()
     records = list(sources.image_folder(tmp_path, skips))
-    assert [(r["label"], r["label_name"], r["key"]) for r in records] == [(0, "cat", "cat/a.png"), (1, "dog", "dog/b.jpg")]
-    assert skips.counts == {"corrupt image": 1, "image outside a class folder": 1}
+    assert [(r["label"], r["label_name"], r["key"]) for r in records] == [
+        (0, "cat", "cat/a.png"), (1, "dog", "dog/b.jpg"), (1, "dog", "dog/c.png")]
+    assert skips.counts == {"image outside a class folder": 1}
+    # the stored format follows the file's: prepare keeps JPEG photos as JPEG
+    assert [r["image"].open().format for r in records[:2]] == ["PNG", "JPEG"]
+    with pytest.raises(SkipItem, match="corrupt image") as corrupt:
+        records[2]["image"].open()
+    assert corrupt.value.where == str(tmp_path / "dog" / "c.png")
 
 
 def test_skip_counter_keeps_five_examples():
@@ -158,6 +185,40 @@ def test_skip_counter_keeps_five_examples():
     for i in range(8):
         skips.skip("corrupt image", f"f{i}")
     assert skips.as_dict() == {"corrupt image": {"count": 8, "examples": ["f0", "f1", "f2", "f3", "f4"]}}
+
+
+def test_image_refs_pickle_small_and_open_the_same_image(tmp_path):
+    """Sources hand out references, not pixels: they cross to worker processes, cheaply."""
+    png = tmp_path / "red.png"
+    _png(png)
+    records = [_take(name, 1)[0][0] for name in ("fashion_mnist", "tuxpaint_stamps", "noto_emoji")]
+    references = [r["image"] for r in records] + [FileImage(str(png)), BytesImage(png.read_bytes(), "red.png")]
+    for reference in references:
+        assert isinstance(reference, ImageRef)
+        copy = pickle.loads(pickle.dumps(reference))
+        assert copy == reference and len(pickle.dumps(reference)) < 2000
+        assert copy.open().tobytes() == reference.open().tobytes()
+    assert BytesImage(png.read_bytes(), "red.png").open().format == "PNG"
+
+
+def test_image_refs_raise_skip_item_with_reason_and_location(tmp_path):
+    (tmp_path / "cut.png").write_bytes(_png(tmp_path / "whole.png").read_bytes()[:60])
+    cases = [
+        (FileImage(str(tmp_path / "absent.png")), "missing image file", str(tmp_path / "absent.png")),
+        (FileImage(str(tmp_path / "cut.png")), "corrupt image", str(tmp_path / "cut.png")),
+        (BytesImage(b"\xff\xd8\xff garbage", "shard.tar:k.jpg"), "corrupt image", "shard.tar:k.jpg"),
+        (RawImage(b"\x00" * 10, "L", (28, 28), "idx:3"), "corrupt image", "idx:3"),
+        (EmojiImage(sources.NOTO_EMOJI_FONT, "a", "emoji-test.txt:9"), "emoji not in font", "emoji-test.txt:9"),
+    ]
+    for reference, reason, where in cases:
+        with pytest.raises(SkipItem) as item:
+            reference.open()
+        assert (item.value.reason, item.value.where) == (reason, where)
+        skips = SkipCounter()
+        assert sources.open_image(reference, skips) is None
+        assert skips.as_dict() == {reason: {"count": 1, "examples": [where]}}
+    raised = pickle.loads(pickle.dumps(SkipItem("corrupt image", "a.png")))  # from a worker process
+    assert (raised.reason, raised.where, str(raised)) == ("corrupt image", "a.png", "corrupt image: a.png")
 
 
 def test_unknown_source_and_missing_paths_raise_data_error(tmp_path):
@@ -173,6 +234,9 @@ def test_unknown_source_and_missing_paths_raise_data_error(tmp_path):
     (tmp_path / "fm").mkdir()
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
         open_source("fashion_mnist", str(tmp_path / "fm"), skips)
+    (tmp_path / "font.ttf").write_bytes(b"not a font")
+    with pytest.raises(DataError, match="cannot load font .*font.ttf"):  # now, not at the first emoji
+        open_source("noto_emoji", str(tmp_path / "font.ttf"), skips)
     assert isinstance(DataError("x"), ValueError)
 
 
@@ -237,9 +301,8 @@ SMALL_SETTINGS = dict(val_fraction=0.2, text_vocab_size=200, image_size=16, patc
                       tokenizer_fit_images=40, verbose=False)
 
 
-def _rows(path):
-    loaded = datasets.load_from_disk(str(path))
-    return {split: loaded[split].to_list() for split in loaded}
+def _rows(root, subset):
+    return {split: load_split(root, subset, split).to_list() for split in SPLITS}
 
 
 def test_prepare_small_mix_twice_identical(tmp_path, user_data):
@@ -247,7 +310,7 @@ def test_prepare_small_mix_twice_identical(tmp_path, user_data):
     second = prepare(tmp_path / "b", _small_mix(user_data), **SMALL_SETTINGS)
 
     for subset in ("images", "pairs", "texts"):
-        rows_a, rows_b = _rows(tmp_path / "a" / subset), _rows(tmp_path / "b" / subset)
+        rows_a, rows_b = _rows(tmp_path / "a", subset), _rows(tmp_path / "b", subset)
         assert rows_a == rows_b, subset
         assert {s: len(r) for s, r in rows_a.items()} == first.subsets[subset]
     assert first.records == second.records and first.skipped == second.skipped
@@ -271,10 +334,9 @@ def test_prepare_small_mix_twice_identical(tmp_path, user_data):
     assert "1  bad JSONL line" in summary and "jsonl:data.jsonl" in summary
 
     # Stored images are RGB (transparent composited on white); schema as documented.
-    pairs = datasets.load_from_disk(str(tmp_path / "a" / "pairs"))
+    pairs = {split: load_split(tmp_path / "a", "pairs", split) for split in SPLITS}
     assert set(pairs["train"].features) == {"image", "text", "label_name", "source"}
-    images = datasets.load_from_disk(str(tmp_path / "a" / "images"))
-    assert images["train"].features["label"].dtype == "int64"
+    assert load_split(tmp_path / "a", "images", "train").features["label"].dtype == "int64"
     every_pair = list(pairs["train"]) + list(pairs["validation"])
     square = next(r for r in every_pair if r["text"] == "a transparent square")
     assert square["image"].mode == "RGB" and square["image"].getpixel((3, 3)) == (255, 255, 255)
@@ -300,12 +362,12 @@ def test_split_is_stable_under_other_changes(tmp_path, user_data):
                     **settings)
     prepare(tmp_path / "large", [SourceSpec("shakespeare", max_items=30), SourceSpec("wordnet", max_items=200),
                    SourceSpec("fashion_mnist", max_items=4)], **settings)
-    small_val = {r["text"] for r in _rows(tmp_path / "small" / "texts")["validation"]}
-    large_val = {r["text"] for r in _rows(tmp_path / "large" / "texts")["validation"] if r["source"] == "wordnet"}
+    small_val = {r["text"] for r in _rows(tmp_path / "small", "texts")["validation"]}
+    large_val = {r["text"] for r in _rows(tmp_path / "large", "texts")["validation"] if r["source"] == "wordnet"}
     assert small_val and small_val <= large_val
     # A subset without records is still written, empty, with its schema.
-    empty_pairs = datasets.load_from_disk(str(tmp_path / "large" / "pairs"))
-    assert len(empty_pairs["train"]) == 0 and set(empty_pairs["train"].features) == {"image", "text", "label_name", "source"}
+    empty_pairs = load_split(tmp_path / "large", "pairs", "train")
+    assert len(empty_pairs) == 0 and set(empty_pairs.features) == {"image", "text", "label_name", "source"}
     assert small.subsets["pairs"] == {"train": 0, "validation": 0}
 
 
@@ -333,7 +395,7 @@ def test_jsonl_split_keeps_each_image_on_one_side(tmp_path):
     prepare(tmp_path / "out", [SourceSpec("jsonl", str(tmp_path / "captions.jsonl")),
                                SourceSpec("wordnet", max_items=100)], **settings)
     side_of_image: dict[str, set] = {}
-    for split, rows in _rows(tmp_path / "out" / "pairs").items():
+    for split, rows in _rows(tmp_path / "out", "pairs").items():
         for row in rows:
             side_of_image.setdefault(row["text"].split(" caption")[0], set()).add(split)
     assert len(side_of_image) == 12
@@ -363,8 +425,11 @@ def test_prepare_refuses_bad_sources_before_writing(tmp_path, user_data):
                 **SMALL_SETTINGS)
     with pytest.raises(DataError, match="multiple of patch_size"):
         prepare(out, [SourceSpec("wordnet", max_items=5)], **dict(SMALL_SETTINGS, image_size=20))
+    assert not out.exists()
+    # What the data holds is known once it is read: the units written are kept (a rerun with a
+    # text source added reads only that source), but no manifest makes the directory usable.
     with pytest.raises(DataError, match="no train text"):
         prepare(out, [SourceSpec("fashion_mnist", max_items=50)], **SMALL_SETTINGS)
     with pytest.raises(DataError, match="too few patches"):
         prepare(out, [SourceSpec("wordnet", max_items=50), SourceSpec("fashion_mnist", max_items=2)], **SMALL_SETTINGS)
-    assert not out.exists()
+    assert not (out / MANIFEST_FILE).exists() and not (out / "text_tokenizer.model").exists()

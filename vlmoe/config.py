@@ -63,6 +63,14 @@ class PrepareConfig:
     text_vocab_size: int = 2000
     codebook_size: int = 256
     tokenizer_fit_images: int = 2000
+    # texts and captions the text tokenizer is fitted on (a deterministic sample where there are more)
+    tokenizer_fit_texts: int = 1_000_000
+    # stored images' long side; null: 8/7 of the model's image_size (256 for 224)
+    max_image_side: Optional[int] = None
+    # processes that read, decode and encode the sources; null: the cores available
+    num_workers: Optional[int] = None
+    # records per unit of work: a unit is written at once, kept when done, redone when interrupted
+    records_per_unit: int = 10_000
     # "kmeans" (fitted on the training images, the offline stand-in for BEiT v2's VQ-KD) or
     # "python:package.module:factory": a tokenizer of your own (vlmoe/data/visual_tokenizer.py),
     # whose codebook_size and patch_size replace prepare.codebook_size and the k-means fit
@@ -237,6 +245,10 @@ RULES: dict[str, Range] = {
     "prepare.text_vocab_size": Range(lo=16),
     "prepare.codebook_size": Range(lo=2),
     "prepare.tokenizer_fit_images": AT_LEAST_1,
+    "prepare.tokenizer_fit_texts": AT_LEAST_1,
+    "prepare.max_image_side": Range(lo=1, meaning="null: 8/7 of model.image_size"),
+    "prepare.num_workers": Range(lo=1, meaning="null: the cores available"),
+    "prepare.records_per_unit": AT_LEAST_1,
     "pretrain.mlm_prob": OPEN_UNIT,
     "pretrain.mim_ratio": OPEN_UNIT,
     "pretrain.vlm_text_prob": OPEN_UNIT,

@@ -26,7 +26,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from vlmoe.data.sources import DataError, SkipCounter, load_image
+from vlmoe.data.image_refs import FileImage
+from vlmoe.data.sources import DataError
 
 EASY_VQA_SPLITS = ("train", "test")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -136,12 +137,11 @@ def attribute_problems(split: str) -> dict[int, str]:
     return {image_id: result for image_id, result in _resolved(split).items() if isinstance(result, str)}
 
 
-def captioned_images(skips: SkipCounter) -> Iterator[dict]:
+def captioned_images() -> Iterator[dict]:
     """Pair records for pretraining: every easy-VQA *train* image whose attributes resolve, with the
     constructed caption "a {colour} {shape}" ("a red circle"); the test images, our validation
-    split of the downstream tasks, are never used here. `label_name` is the shape."""
+    split of the downstream tasks, are never used here. `label_name` is the shape. The images are
+    lazy `FileImage`s: a missing or broken file surfaces when it is opened (see `vlmoe.data.sources`)."""
     for image_id, (shape, color) in sorted(attributes("train").items()):
-        image = load_image(image_path("train", image_id), skips)
-        if image is not None:
-            yield {"image": image, "text": f"a {color} {shape}", "label_name": shape, "source": "easy_vqa",
-                   "key": f"train/{image_id}"}
+        yield {"image": FileImage(str(image_path("train", image_id))), "text": f"a {color} {shape}",
+               "label_name": shape, "source": "easy_vqa", "key": f"train/{image_id}"}

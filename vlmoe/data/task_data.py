@@ -34,8 +34,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 from PIL import Image
 
+from vlmoe.data.image_refs import FileImage, SkipItem
 from vlmoe.data.images import encode_png
-from vlmoe.data.sources import DataError, SkipCounter, jsonl_lines, load_image
+from vlmoe.data.sources import DataError, SkipCounter, jsonl_lines
 
 SPLITS = ("train", "validation")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation"}
@@ -236,12 +237,10 @@ def _load(value: ImageValue) -> Image.Image:
         return value
     if callable(value):
         return value()
-    path = Path(value)
-    skips = SkipCounter()
-    image = load_image(path, skips)
-    if image is None:
-        raise SkipRecord(next(iter(skips.counts)), where=str(path))
-    return image
+    try:
+        return FileImage(str(value)).open()
+    except SkipItem as item:
+        raise SkipRecord(item.reason, where=item.where) from item
 
 
 def _record_split(record: Record, spec: TaskRecords, val_fraction: float) -> str:

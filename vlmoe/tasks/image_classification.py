@@ -14,7 +14,7 @@ from torch import nn
 
 from vlmoe.data import sources
 from vlmoe.data.masking import IGNORE_INDEX
-from vlmoe.data.sources import SkipCounter
+from vlmoe.data.sources import SkipCounter, open_image
 from vlmoe.data.task_data import IMAGE, LABEL, TaskRecords, TaskSplit
 from vlmoe.model.init import init_linears_
 from vlmoe.model.objectives import prediction_accuracy, prediction_loss
@@ -32,13 +32,17 @@ from vlmoe.tasks.base import (
 
 def _fashion_mnist(skips: SkipCounter) -> Iterator[dict]:
     for r in sources.fashion_mnist(sources.FASHION_MNIST_ROOT, skips):
-        yield {"image": r["image"], "image_key": f"fashion_mnist/{r['key']}", "label": r["label_name"],
-               "split": "train" if r["key"].startswith("train/") else "validation"}
+        image = open_image(r["image"], skips)
+        if image is not None:
+            yield {"image": image, "image_key": f"fashion_mnist/{r['key']}", "label": r["label_name"],
+                   "split": "train" if r["key"].startswith("train/") else "validation"}
 
 
 def _noto_emoji_groups(skips: SkipCounter) -> Iterator[dict]:
     for r in sources.noto_emoji(sources.NOTO_EMOJI_FONT, sources.EMOJI_TEST_FILE, skips):
-        yield {"image": r["image"], "image_key": f"noto_emoji/{r['key']}", "label": r["label_name"].split("/")[0]}
+        image = open_image(r["image"], skips)
+        if image is not None:
+            yield {"image": image, "image_key": f"noto_emoji/{r['key']}", "label": r["label_name"].split("/")[0]}
 
 
 RECORDS = TaskRecords(

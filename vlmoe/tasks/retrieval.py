@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.data import sources
-from vlmoe.data.sources import SkipCounter
+from vlmoe.data.sources import SkipCounter, open_image
 from vlmoe.data.task_data import IMAGE, TEXT, TEXTS, SkipRecord, TaskRecords, TaskSplit
 from vlmoe.model.heads import Pooler
 from vlmoe.model.init import init_linears_
@@ -77,9 +77,12 @@ def distinct(texts: Sequence[str]) -> list[str]:
 def _noto_emoji_captions(skips: SkipCounter) -> Iterator[dict]:
     names = unicode_names()
     for r in sources.noto_emoji(sources.NOTO_EMOJI_FONT, sources.EMOJI_TEST_FILE, skips):
+        image = open_image(r["image"], skips)
+        if image is None:
+            continue
         codepoints = [c for c in r["key"].split("_") if c != "FE0F"]  # the emoji-style selector adds no name
         extra = names.get(codepoints[0], []) if len(codepoints) == 1 else []
-        yield {"image": r["image"], "image_key": f"noto_emoji/{r['key']}", "captions": distinct([r["text"], *extra])}
+        yield {"image": image, "image_key": f"noto_emoji/{r['key']}", "captions": distinct([r["text"], *extra])}
 
 
 def english_captions(description_file: Path) -> list[str]:
@@ -92,8 +95,10 @@ def english_captions(description_file: Path) -> list[str]:
 def _tuxpaint_captions(skips: SkipCounter) -> Iterator[dict]:
     root = Path(sources.TUXPAINT_STAMPS_ROOT)
     for r in sources.tuxpaint_stamps(root, skips):
-        yield {"image": r["image"], "image_key": f"tuxpaint_stamps/{r['key']}",
-               "captions": english_captions(root / (r["key"] + ".txt"))}
+        image = open_image(r["image"], skips)
+        if image is not None:
+            yield {"image": image, "image_key": f"tuxpaint_stamps/{r['key']}",
+                   "captions": english_captions(root / (r["key"] + ".txt"))}
 
 
 def _normalize(record: dict) -> dict:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.data import easy_vqa, sources
-from vlmoe.data.sources import SkipCounter
+from vlmoe.data.sources import SkipCounter, open_image
 from vlmoe.data.task_data import IMAGE, TEXT, TEXTS, TaskRecords, TaskSplit
 from vlmoe.model.heads import MLPClassifier, Pooler
 from vlmoe.tasks.base import DownstreamTask, TaskInputs, TaskModel, encode_texts, first_examples, pixels
@@ -44,22 +44,28 @@ def _easy_vqa(skips: SkipCounter) -> Iterator[dict]:
 
 def _noto_emoji_vqa(skips: SkipCounter) -> Iterator[dict]:
     for r in sources.noto_emoji(sources.NOTO_EMOJI_FONT, sources.EMOJI_TEST_FILE, skips):
+        image = open_image(r["image"], skips)
+        if image is None:
+            continue
         group, subgroup = r["label_name"].split("/", 1)
         key = f"noto_emoji/{r['key']}"
-        yield {"image": r["image"], "image_key": key, "question": "which group is this emoji in?",
+        yield {"image": image, "image_key": key, "question": "which group is this emoji in?",
                "answers": [group.lower()]}
-        yield {"image": r["image"], "image_key": key, "question": "which subgroup is this emoji in?",
+        yield {"image": image, "image_key": key, "question": "which subgroup is this emoji in?",
                "answers": [subgroup.lower()]}
 
 
 def _tuxpaint_vqa(skips: SkipCounter) -> Iterator[dict]:
     for r in sources.tuxpaint_stamps(sources.TUXPAINT_STAMPS_ROOT, skips):
+        image = open_image(r["image"], skips)
+        if image is None:
+            continue
         folders = r["label_name"].split("/")
         key = f"tuxpaint_stamps/{r['key']}"
-        yield {"image": r["image"], "image_key": key, "question": "which category is this picture in?",
+        yield {"image": image, "image_key": key, "question": "which category is this picture in?",
                "answers": [folders[0]]}
         if len(folders) > 1:
-            yield {"image": r["image"], "image_key": key, "question": f"which kind of {folders[0]} is this?",
+            yield {"image": image, "image_key": key, "question": f"which kind of {folders[0]} is this?",
                    "answers": [folders[1]]}
 
 

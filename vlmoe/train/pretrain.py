@@ -14,12 +14,14 @@ import torch
 from vlmoe.config import ConfigError, RunConfig
 from vlmoe.data.collate import PretrainCollator
 from vlmoe.data.images import image_to_tensor
+from vlmoe.data.layout import load_split
 from vlmoe.data.loader import (
     SUBSET_DIRS,
     TEXT_TOKENIZER_FILE,
     DataDirError,
     StepBatches,
     check_data_dir,
+    prepared_image_side,
 )
 from vlmoe.data.text_tokenizer import TextTokenizer
 from vlmoe.data.visual_tokenizer import load_prepared_visual_tokenizer, prepared_visual_tokenizer_file
@@ -94,6 +96,10 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
     except ValueError as exc:
         raise DataDirError(f"the prepared data's visual tokenizer: {exc}") from exc
     model_cfg = resolve_model_config(cfg, text_tokenizer, visual_tokenizer)
+    stored_side = prepared_image_side(root)
+    if needs_images and stored_side is not None and stored_side < model_cfg.image_size:
+        raise ConfigError(f"model.image_size={model_cfg.image_size} but {root} stores images of at most {stored_side} px "
+                          f"(prepare.max_image_side): prepare again with this config")
 
     collator = PretrainCollator(text_tokenizer, visual_tokenizer, max_text_len=model_cfg.max_text_len,
                                 mlm_prob=cfg.pretrain.mlm_prob, mim_ratio=cfg.pretrain.mim_ratio,
@@ -148,17 +154,12 @@ def build_pretraining_model(model_cfg: ModelConfig, moe_cfg, world_size: int) ->
 
 
 def _load_split(root: Path, subset: str, split: str):
-    import datasets
-
-    path = root / SUBSET_DIRS[subset]
-    dataset = datasets.load_from_disk(str(path))
-    if split not in dataset:
-        raise DataDirError(f"'{path}' has no '{split}' split (has {list(dataset)})")
-    if len(dataset[split]) == 0:
+    dataset = load_split(root, SUBSET_DIRS[subset], split)
+    if len(dataset) == 0:
         instead = "data.eval_batches=0 to pretrain without evaluation" if split == "validation" else \
             f"data.{subset}_batch=0 to train without it"
-        raise DataDirError(f"'{path}' split '{split}' is empty; set {instead}")
-    return dataset[split]
+        raise DataDirError(f"'{root}' has no {SUBSET_DIRS[subset]} in its '{split}' split; set {instead}")
+    return dataset
 
 
 def pretrain(cfg: RunConfig, origin: str = "") -> Path:
