@@ -8,6 +8,6 @@ VENV=${VLMOE_VENV:-.venv}
 export PATH="$PWD/$VENV/bin:$PATH"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}
 CONFIG=${CONFIG:-pretrain_tiny}
-# prepared data is reused; delete data/default to prepare again
-[ -f data/default/prepare_report.json ] || vlmoe prepare "$CONFIG"
+# prepared data is reused (an interrupted prepare resumes); delete data/default to prepare again
+[ -f data/default/manifest.json ] || vlmoe prepare "$CONFIG"
 deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "${MASTER_PORT:-29511}" --module vlmoe pretrain "$CONFIG" "$@"
