@@ -447,7 +447,7 @@ def prepare(out_dir: str | Path, sources: list[SourceSpec] | None = None, *, val
         seed=seed,
         max_image_side=max_image_side,
         throughput={"units": sum(len(rs) for rs in units.values()),
-                    "units_written": sum(not r.reused for rs in results.values() for r in rs.values()),
+                    "units_written": sum(not r.reused for rs in units.values() for r in rs),
                     "images_written": written, "workers": num_workers, "seconds": round(units_seconds, 2),
                     "images_per_s": round(written / units_seconds, 1) if units_seconds > 0 else 0.0},
     )
