@@ -196,15 +196,16 @@ def test_webdataset_shards_prepare_and_pretrain_on_two_ranks(tmp_path):
 
     pattern = _webdataset_shards(tmp_path / "shards", shards=3, per_shard=60)
     data, run_dir = tmp_path / "data", tmp_path / "run"
-    prepared = subprocess.run([sys.executable, "-m", "vlmoe", "prepare", "pretrain_tiny", f"data.dir={data}",
-                               f"prepare.sources=[\"webdataset:{pattern}\",wordnet,fashion_mnist]",
-                               "prepare.max_items_per_source=300", "prepare.num_workers=2", "prepare.records_per_unit=50",
-                               "prepare.text_vocab_size=200", "prepare.codebook_size=32", "prepare.val_fraction=0.1"],
-                              cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
-    assert prepared.returncode == 0, prepared.stderr[-3000:]
-    report = json.loads((data / REPORT_FILE).read_text())
-    assert sum(report["records"][f"webdataset:{Path(pattern).name}"].values()) == 180
-    assert report["throughput"]["workers"] == 2 and report["throughput"]["units"] == 4 + 6 + 6
+    # each shard is read on its own (no unit reads the shards before its own): 3 shards x 2 units
+    report = prepare(data, [SourceSpec("webdataset", pattern), SourceSpec("wordnet", max_items=300),
+                            SourceSpec("fashion_mnist", max_items=300)],
+                     **{**SETTINGS, "image_size": 32, "codebook_size": 32, "records_per_unit": 50, "num_workers": 2})
+    assert report.records[f"webdataset:{Path(pattern).name}"]["train"] > 140
+    assert sum(report.records[f"webdataset:{Path(pattern).name}"].values()) == 180
+    assert report.throughput["workers"] == 2 and report.throughput["units"] == 3 * 2 + 6 + 6
+    prepare(tmp_path / "stream", [SourceSpec("webdataset", pattern, max_items=180), SourceSpec("wordnet", max_items=300)],
+                     **{**SETTINGS, "image_size": 32, "codebook_size": 32, "records_per_unit": 50})
+    assert _content(tmp_path / "stream")["rows"][("pairs", "train")] == _content(data)["rows"][("pairs", "train")]
     run(deepspeed_cmd(2, "pretrain", "pretrain_tiny", f"data.dir={data}", f"run_dir={run_dir}", "train.steps=12",
                       "train.save_every=12", "train.eval_every=12", *TEST_OVERRIDES), timeout=600)
     records = read_metrics(run_dir, "loss")

@@ -7,10 +7,13 @@ model sees it through `image_to_tensor`, which scales pixels to [-1, 1].
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_STORED_SIDE = 224
 
@@ -57,7 +60,7 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+def image_to_tensor(image: Image.Image, size: int) -> "torch.Tensor":
     """Resize to size x size (aspect ratio not kept) and scale to [-1, 1].
 
     Returns:
@@ -66,5 +69,7 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     if size <= 0:
         raise ValueError(f"image size must be positive, got {size}")
     resized = to_rgb(image).resize((size, size), Image.Resampling.BICUBIC)
+    import torch  # here, not at the top: prepare's worker processes convert images without torch
+
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy())
     return (pixels.permute(2, 0, 1) / 127.5) - 1.0

@@ -50,7 +50,7 @@ from PIL import Image
 from vlmoe.data.images import image_to_tensor
 from vlmoe.data.layout import MANIFEST_FILE, PARTS_DIR, SPLITS, SUBSETS, load_split, shard_name
 from vlmoe.data.prepare_units import UNIT_FILE, UnitResult, UnitSpec, run_unit, source_slug, unit_dir
-from vlmoe.data.sources import DataError, SkipCounter, open_source
+from vlmoe.data.sources import DataError, SkipCounter, open_source, source_partitions
 from vlmoe.data.text_tokenizer import TextTokenizer
 from vlmoe.data.visual_tokenizer import (
     KMEANS_FILE,
@@ -191,11 +191,19 @@ class Shard:
 
 def _source_units(sources: list[SourceSpec], val_fraction: float, max_image_side: int, chunk_size: int,
                   ) -> list[UnitSpec]:
-    """The first unit (chunk 0) of each configured source; later chunks differ only in ``chunk``."""
-    return [UnitSpec(source=spec.name, path=spec.path, max_items=spec.max_items,
-                     slug=source_slug(spec.name, spec.path, spec.max_items, val_fraction, max_image_side, chunk_size),
-                     chunk=0, chunk_size=chunk_size, val_fraction=val_fraction, max_image_side=max_image_side)
-            for spec in sources]
+    """The first unit (chunk 0) of each configured source, or of each of its partitions (the
+    shards of a webdataset, read on their own: no unit reads the shards before its own); later
+    chunks differ only in ``chunk``. A source capped by max_items is read as one stream (its
+    first records)."""
+    firsts = []
+    for spec in sources:
+        partitions = source_partitions(spec.name, spec.path) if spec.max_items is None else None
+        for partition in partitions or [None]:
+            slug = source_slug(spec.name, spec.path, spec.max_items, val_fraction, max_image_side, chunk_size, partition)
+            firsts.append(UnitSpec(source=spec.name, path=spec.path, max_items=spec.max_items, slug=slug, chunk=0,
+                                   chunk_size=chunk_size, val_fraction=val_fraction, max_image_side=max_image_side,
+                                   partition=partition))
+    return firsts
 
 
 def _ends_source(spec: UnitSpec, result: UnitResult) -> bool:

@@ -49,6 +49,7 @@ class UnitSpec:
     chunk_size: int
     val_fraction: float
     max_image_side: int
+    partition: Optional[str] = None  # one independently readable part of the source (a webdataset shard)
 
     @property
     def start(self) -> int:
@@ -61,10 +62,12 @@ class UnitSpec:
 
 
 def source_slug(name: str, path: Optional[str], max_items: Optional[int], val_fraction: float,
-                max_image_side: int, chunk_size: int) -> str:
-    """The directory name of one configured source's units: a change of any setting that changes
-    its rows gives another directory, so units are reused exactly when they are still right."""
-    settings = json.dumps([name, path, max_items, val_fraction, max_image_side, chunk_size, ENCODING_VERSION])
+                max_image_side: int, chunk_size: int, partition: Optional[str] = None) -> str:
+    """The directory name of one configured source's (or partition's) units: a change of any
+    setting that changes its rows gives another directory, so units are reused exactly when they
+    are still right."""
+    settings = json.dumps([name, path, max_items, val_fraction, max_image_side, chunk_size, ENCODING_VERSION,
+                           partition])
     return f"{name}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
 
@@ -149,7 +152,7 @@ def run_unit(root: Path, spec: UnitSpec) -> UnitResult:
     splits = {split: 0 for split in SPLITS}
     records = images = 0
     skips.counting = spec.start == 0
-    for index, record in enumerate(open_source(spec.source, spec.path, skips)):
+    for index, record in enumerate(open_source(spec.source, spec.path, skips, spec.partition)):
         if index == spec.start - 1:  # the skips found from here on lie between this unit's records
             skips.counting = True
         if index < spec.start:

@@ -489,12 +489,19 @@ def webdataset(pattern: str | Path, skips: SkipCounter) -> Iterator[Record]:
     (not a tar, truncated, damaged) once, at the member it broke after, and the run goes on with
     the next shard. Corrupt image bytes surface when the image is opened.
     """
+    shards = [Path(shard) for shard in webdataset_shards(str(pattern))]
+    return _webdataset_records(shards, f"webdataset:{Path(str(pattern)).name}", skips)
+
+
+def webdataset_shards(pattern: str) -> list[str]:
+    """The shard files a pattern names, in order (the source's partitions: `prepare` reads each
+    on its own, so that no unit reads the shards before its own). DataError when none exists."""
     from webdataset.shardlists import expand_urls
 
-    shards = [Path(url) for url in expand_urls(str(pattern))]
-    if not any(shard.is_file() for shard in shards):
+    shards = list(expand_urls(pattern))
+    if not any(Path(shard).is_file() for shard in shards):
         raise DataError(f"webdataset: no tar file matches {pattern}")
-    return _webdataset_records(shards, f"webdataset:{Path(str(pattern)).name}", skips)
+    return shards
 
 
 def _webdataset_records(shards: list[Path], source: str, skips: SkipCounter) -> Iterator[Record]:
@@ -633,10 +640,19 @@ _USER_SOURCES: dict[str, Callable[[str, SkipCounter], Iterator[Record]]] = {
     "webdataset": webdataset,
 }
 SOURCE_NAMES = tuple(_REAL_SOURCES) + tuple(_USER_SOURCES)
+# sources made of files that can be read on their own, in order: {name: path -> the files}
+_PARTITIONS: dict[str, Callable[[str], list[str]]] = {"webdataset": webdataset_shards}
 
 
-def open_source(name: str, path: str | None, skips: SkipCounter) -> Iterator[Record]:
-    """Check a source's name and paths now and return its (lazy) record iterator.
+def source_partitions(name: str, path: str | None) -> list[str] | None:
+    """The independently readable parts of a source, in its order (webdataset: its shards), or
+    None for a source read as one stream."""
+    return _PARTITIONS[name](path) if name in _PARTITIONS and path else None
+
+
+def open_source(name: str, path: str | None, skips: SkipCounter, partition: str | None = None) -> Iterator[Record]:
+    """Check a source's name and paths now and return its (lazy) record iterator; ``partition``
+    (one of ``source_partitions``) reads only that part, its records as the whole source has them.
 
     `path` None selects the default installed location for the real sources (for noto_emoji
     it is the font file; emoji-test.txt stays at its Debian location). The user sources
@@ -648,5 +664,7 @@ def open_source(name: str, path: str | None, skips: SkipCounter) -> Iterator[Rec
     if name in _USER_SOURCES:
         if not path:
             raise DataError(f"source {name!r} needs a path")
+        if partition is not None and name == "webdataset":
+            return _webdataset_records([Path(partition)], f"webdataset:{Path(path).name}", skips)
         return _USER_SOURCES[name](path, skips)
     raise DataError(f"unknown data source {name!r}; known sources: {', '.join(SOURCE_NAMES)}")
