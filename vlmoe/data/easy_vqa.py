@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vlmoe.data.image_refs import FileImage
-from vlmoe.data.sources import DataError
+from vlmoe.data.errors import DataError
 
 EASY_VQA_SPLITS = ("train", "test")
 SHAPES = ("circle", "rectangle", "triangle")

@@ -47,6 +47,8 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from vlmoe.data.easy_vqa import captioned_images
+from vlmoe.data.errors import DataError
 from vlmoe.data.image_refs import BytesImage, EmojiImage, FileImage, ImageRef, RawImage, SkipItem, emoji_font
 
 Record = dict[str, Any]
@@ -63,10 +65,6 @@ FASHION_MNIST_CLASSES = (
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SHAKESPEARE_LINES_PER_PASSAGE = 4
-
-
-class DataError(ValueError):
-    """A dataset cannot be used at all: missing path, unknown source, unreadable index file."""
 
 
 class SkipCounter:
@@ -617,7 +615,6 @@ def _webdataset_caption(sample: dict[str, Any], where: str, skips: SkipCounter) 
 
 
 def _easy_vqa_captions() -> Iterator[Record]:
-    from vlmoe.data.easy_vqa import captioned_images  # it imports this module
 
     return captioned_images()
 
