@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import smola
+from bench_device import add_device_option, bench_device  # scripts/, beside this file
 
 
 def smola_flops(tokens: int, batch: int, d_in: int, d_out: int, experts: int, rank: int) -> tuple[float, float]:
@@ -184,16 +185,9 @@ def main() -> None:
     parser.add_argument("--e2e-batch", type=int, default=4)
     parser.add_argument("--e2e-text", type=int, default=32)
     parser.add_argument("--e2e-reps", type=int, default=5)
-    parser.add_argument("--device", default="cpu", help="cpu (default) or a CUDA device: cuda, cuda:1")
+    add_device_option(parser)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
-        if device.index is None:  # "cuda": the current device, by its index (set_device needs one)
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-        args.device = str(device)
+    args.device = str(bench_device(parser, args.device))
     torch.set_num_threads(args.threads)
     bench_block(args)
     if not args.skip_e2e:
