@@ -1,5 +1,6 @@
 """Forward+backward time of our MoE layer vs a dense FFN of the expert's size vs DeepSpeed's MoE
-(and tutel where installed), interleaved in one process, printed as ratios to the dense FFN.
+(and tutel where installed) and our Soft MoE, interleaved in one process, printed as ratios to the
+dense FFN; the Soft MoE row is followed by its FLOP floor as a ratio to dense.
 
     python scripts/bench_moe.py                       # issue target: S=8192, d=768, d_ff=3072, E=32
     python scripts/bench_moe.py --tokens 2048 --rounds 3 --sweep 8,32,128
@@ -18,9 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vlmoe.moe import MoE
+from vlmoe.moe import MoE, SoftMoE
 from vlmoe.moe.dispatch import buffer_capacity
 from vlmoe.moe.experts import Experts
+from bench_device import add_device_option, bench_device  # scripts/, beside this file
 
 
 class DenseFFN(nn.Module):
@@ -74,6 +76,27 @@ def _experts_only(d: int, d_ff: int, experts: int, cf: float, tokens: int, devic
         buffers.grad = None
         return layer(buffers).float().sum()
     return Step(layer, loss, device)
+
+
+def _soft(d: int, d_ff: int, experts: int, slots_per_expert: int, group: int, device: torch.device) -> Step:
+    """Our Soft MoE on the same tokens as [tokens / group, group, d] examples (one routing group each)."""
+    layer = SoftMoE(d, d_ff, experts, slots_per_expert=slots_per_expert).train()
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        out = layer(x.view(-1, group, d)).float().sum()
+        layer.pop_metrics()  # the statistics are not what is timed; keep them from piling up
+        return out
+    return Step(layer, loss, device)
+
+
+def soft_flop_floor(tokens: int, group: int, slots: int, d: int, d_ff: int) -> float:
+    """Soft MoE's FLOPs as a ratio to a dense FFN on the same tokens: the experts are a dense FFN
+    on the slots (tokens / group examples of `slots` each), plus three thin GEMMs per example
+    (logits, dispatch and combine: 2 * group * slots * d each). Backward doubles every term alike."""
+    ffn_per_row = 2 * 2 * d * d_ff
+    examples = tokens // group
+    thin = 3 * 2 * group * slots * d * examples
+    return (examples * slots * ffn_per_row + thin) / (tokens * ffn_per_row)
 
 
 def _dense(d: int, d_ff: int, device: torch.device) -> Step:
@@ -134,15 +157,13 @@ def main() -> None:
     parser.add_argument("--sweep", default="8,32,128",
                         help="expert counts for the flatness check, a second interleaved group ('' = none)")
     parser.add_argument("--no-deepspeed", action="store_true")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or a CUDA device: cuda, cuda:1")
+    parser.add_argument("--soft-group", type=int, default=256,
+                        help="tokens per example for the Soft MoE row (each example is one routing group)")
+    parser.add_argument("--soft-slots", type=int, default=0,
+                        help="Soft MoE slots per expert (0 = soft-group / experts: as many slots as tokens)")
+    add_device_option(parser)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
-        if device.index is None:  # "cuda": the current device, by its index (set_device needs one)
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
+    device = bench_device(parser, args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.tokens, args.d, device=device, requires_grad=True)
@@ -151,6 +172,11 @@ def main() -> None:
     if not args.no_deepspeed:
         _init_single_rank(device)
         steps[f"deepspeed E={args.experts}"] = _deepspeed(args.d, args.d_ff, args.experts, args.cf, device)
+    if args.tokens % args.soft_group:
+        parser.error(f"--tokens {args.tokens} is not a multiple of --soft-group {args.soft_group}")
+    slots_per_expert = args.soft_slots or max(1, args.soft_group // args.experts)
+    soft_name = f"soft E={args.experts} p={slots_per_expert}"
+    steps[soft_name] = _soft(args.d, args.d_ff, args.experts, slots_per_expert, args.soft_group, device)
     tutel = _tutel(args.d, args.d_ff, args.experts, args.cf, device)
     if tutel is not None:  # tutel's own layer, and ours with tutel's dispatch kernels
         steps[f"tutel E={args.experts}"] = tutel
@@ -160,7 +186,13 @@ def main() -> None:
     print(f"S={args.tokens} d={args.d} d_ff={args.d_ff} cf={args.cf} top-1, fwd+bwd, {where}, "
           f"median of {args.rounds} interleaved rounds{'' if tutel else ' (tutel not installed)'}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
-    _report(_measure(steps, x, args.rounds))
+    times = _measure(steps, x, args.rounds)
+    _report(times)
+    slots = args.experts * slots_per_expert
+    floor = soft_flop_floor(args.tokens, args.soft_group, slots, args.d, args.d_ff)
+    measured = statistics.median(times[soft_name]) / statistics.median(times["dense"])
+    print(f"  soft FLOP floor ({args.soft_group} tokens and {slots} slots per example: experts = dense FFN on the "
+          f"slots + 3 thin GEMMs): {floor:.3f}x dense, measured {measured:.2f}x")
     sweep = [int(e) for e in args.sweep.split(",") if e]
     if sweep:
         # A separate interleaved group: the largest pools' gigabytes of weights would otherwise

@@ -1,6 +1,7 @@
 """Rank program for tests/test_moe_distributed.py (launched with torchrun, gloo).
 
-  equivalence OUT.json   EP=2 over the world vs EP=1 on the same global tokens: outputs and grads
+  equivalence OUT.json   EP=2 over the world vs EP=1 on the same global tokens: outputs and grads (sparse
+                         MoE to OUT.json.RANK, Soft MoE to OUT.json.soft.RANK)
   zero SPECS OUT          per spec STAGE:EP[:nobridge], two SGD steps through a DeepSpeed engine vs by hand
   resume EP SRC DST      ZeRO-2 run under this EP size: load SRC (any EP size) and check it, train, save DST
 """
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from _rank_exit import skip_interpreter_teardown
-from vlmoe.moe import MoE
+from vlmoe.moe import MoE, SoftMoE
 from vlmoe.moe.expert_checkpoint import global_expert_state, save_experts
 
 
@@ -65,6 +66,44 @@ def equivalence(out_path: str) -> None:
         "grad_max_err": {n: (grads["ep"][n] - grads["ref"][n]).abs().max().item() for n in grads["ep"]},
         "grad_abs_max": {n: grads["ref"][n].abs().max().item() for n in grads["ref"]},
         "dropped": dropped,
+        "padding_zero": results["ep"][~mask].abs().max().item() if (~mask).any() else 0.0,
+    }
+    with open(f"{out_path}.{rank}", "w") as f:
+        json.dump(report, f)
+    soft_equivalence(f"{out_path}.soft")
+
+
+def soft_equivalence(out_path: str) -> None:
+    """Soft MoE: experts sharded over the world (slot buffers by all-to-all) vs the whole pool here."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    sharded = SoftMoE(16, 24, 8, slots_per_expert=2, ep_group=dist.group.WORLD, init_std=0.3, seed=7)
+    torch.manual_seed(0)
+    full = SoftMoE(16, 24, 8, slots_per_expert=2, init_std=0.3, seed=7)
+    local = slice(rank * (8 // world), (rank + 1) * (8 // world))
+    with torch.no_grad():  # random biases, so that bias gradients are checked too
+        for name in ("b_in", "b_out"):
+            getattr(full.experts, name).normal_(generator=torch.Generator().manual_seed(5))
+            getattr(sharded.experts, name).copy_(getattr(full.experts, name)[local])
+    x, mask = _tokens(rank)
+    x, mask = x[: 2 + rank], mask[: 2 + rank]  # different batch sizes: different buffer rows per rank
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(200 + rank))
+    results, grads = {}, {}
+    for name, layer in (("ep", sharded), ("ref", full)):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi, mask)
+        (out * upstream).sum().backward()
+        results[name] = out.detach()
+        grads[name] = {"x": xi.grad, "phi": layer.phi.grad.clone(), "scale": layer.scale.grad.reshape(1).clone(),
+                       **{n: getattr(layer.experts, n).grad.clone() for n in ("w_in", "b_in", "w_out", "b_out")}}
+    for n in ("w_in", "b_in", "w_out", "b_out"):  # the EP experts saw every rank's slots
+        dist.all_reduce(grads["ref"][n])
+        grads["ref"][n] = grads["ref"][n][local]
+    report = {
+        "out_max_err": (results["ep"] - results["ref"]).abs().max().item(),
+        "out_abs_max": results["ref"].abs().max().item(),
+        "grad_max_err": {n: (grads["ep"][n] - grads["ref"][n]).abs().max().item() for n in grads["ep"]},
+        "grad_abs_max": {n: grads["ref"][n].abs().max().item() for n in grads["ref"]},
         "padding_zero": results["ep"][~mask].abs().max().item() if (~mask).any() else 0.0,
     }
     with open(f"{out_path}.{rank}", "w") as f:

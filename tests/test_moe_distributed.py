@@ -21,9 +21,16 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 240) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_ep2_equals_ep1_outputs_and_gradients(tmp_path):
-    out = tmp_path / "report.json"
+@pytest.fixture(scope="module")
+def equivalence_reports(tmp_path_factory) -> Path:
+    """One launch: the sparse and the soft layer's EP=2 vs EP=1 reports."""
+    out = tmp_path_factory.mktemp("equivalence") / "report.json"
     torchrun("equivalence", str(out))
+    return out
+
+
+def test_ep2_equals_ep1_outputs_and_gradients(equivalence_reports):
+    out = equivalence_reports
     for rank in range(2):
         report = json.loads(Path(f"{out}.{rank}").read_text())
         assert report["init_equal"], "sharded experts must start as the matching slice of the full pool"
@@ -33,6 +40,16 @@ def test_ep2_equals_ep1_outputs_and_gradients(tmp_path):
         assert 0 < report["dropped"] < 0.5, "capacity must bind so that dropping is exercised"
         for name, err in report["grad_max_err"].items():
             assert report["grad_abs_max"][name] > 1e-3, name
+            assert err <= 1e-5 * max(1.0, report["grad_abs_max"][name]), (name, err)
+
+
+def test_soft_moe_ep2_equals_ep1_outputs_and_gradients(equivalence_reports):
+    for rank in range(2):
+        report = json.loads(Path(f"{equivalence_reports}.soft.{rank}").read_text())
+        assert report["out_abs_max"] > 0.1 and report["out_max_err"] <= 1e-5
+        assert report["padding_zero"] == 0.0
+        for name, err in report["grad_max_err"].items():
+            assert report["grad_abs_max"][name] > 1e-4, name
             assert err <= 1e-5 * max(1.0, report["grad_abs_max"][name]), (name, err)
 
 

@@ -3,6 +3,7 @@ EP=1, SMoLA fine-tuning of the EP=2 base on 1 rank."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,27 @@ def test_the_ep2_base_fine_tunes_on_one_rank_with_frozen_routing(moe_run, task_d
     from safetensors.torch import load_file
     names = load_file(str(run_dir / "adapter" / "adapter_model.safetensors")).keys()
     assert names and not any("router" in n or "experts" in n for n in names)
+
+
+def test_soft_moe_ep2_pretraining_loss_falls_without_aux_loss(prepared_data, tmp_path):
+    """moe.type=soft through the trainer: 2 ranks, experts sharded (EP=2), 12 steps."""
+    run_dir = tmp_path / "soft"
+    args = [a.replace("train.steps=8", "train.steps=12").replace("train.eval_every=8", "train.eval_every=12")
+            for a in MOE_ARGS]
+    run(deepspeed_cmd(2, "pretrain", "pretrain_tiny_moe", f"data.dir={prepared_data}", f"run_dir={run_dir}",
+                      *args, "moe.type=soft", "moe.slots_per_expert=2"), timeout=600)
+    records = read_metrics(run_dir, "loss")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("mlm", "mim", "vlm"):
+        assert sum(r[key] for r in records[-3:]) < sum(r[key] for r in records[:3]), key
+    last = records[-1]
+    assert "aux_loss" not in last and not any("/aux/" in k or "/dropped" in k for k in last)
+    for name in ("L1/v", "L1/t", "L3/v", "L3/t"):
+        assert 0 < last[f"moe/{name}/entropy"] <= math.log(16) + 1e-5
+        assert 0 <= last[f"moe/{name}/dispatch/min"] <= last[f"moe/{name}/dispatch/max"] <= 1
+        assert 0 <= last[f"moe/{name}/combine/min"] <= last[f"moe/{name}/combine/max"] <= 1
+    assert "val/moe/L1/v/entropy" in read_metrics(run_dir, "val/loss")[-1]
+    from safetensors.torch import load_file
+    exported = load_file(str(run_dir / "model" / "model.safetensors"))
+    assert all(v.shape[0] == 8 for k, v in exported.items() if ".experts." in k)  # whole pools
+    assert any(k.endswith(".phi") for k in exported)

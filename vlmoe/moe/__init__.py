@@ -1,4 +1,5 @@
-"""Our sparse MoE layer: top-k routing with capacity and BPR, aux losses, index dispatch, expert parallelism.
+"""Our sparse MoE layer (top-k routing with capacity and BPR, aux losses, index dispatch, expert parallelism)
+and a Soft MoE layer (`SoftMoE`, Puigcerver et al. 2023) on the same experts and expert parallelism.
 
 DeepSpeed wiring lives in `vlmoe.moe.deepspeed_bridge` (prepare_for_deepspeed, moe_param_groups)
 and EP-size-independent expert checkpoints in `vlmoe.moe.expert_checkpoint`.
@@ -10,7 +11,8 @@ from vlmoe.moe.expert_checkpoint import load_experts, save_experts
 from vlmoe.moe.layer import MoE
 from vlmoe.moe.params import parameter_report
 from vlmoe.moe.router import Routing, expert_capacity, route
+from vlmoe.moe.soft import SoftMoE, SoftWeights, soft_logits, soft_weights
 
-__all__ = ["MoE", "MoEConfig", "Routing", "collect_aux_loss", "collect_metrics", "expert_capacity", "freeze_moe",
-           "is_moe_block", "load_experts", "losses", "moe_ffn_factory", "moe_layers", "parameter_report", "route",
-           "save_experts"]
+__all__ = ["MoE", "MoEConfig", "Routing", "SoftMoE", "SoftWeights", "collect_aux_loss", "collect_metrics",
+           "expert_capacity", "freeze_moe", "is_moe_block", "load_experts", "losses", "moe_ffn_factory", "moe_layers",
+           "parameter_report", "route", "save_experts", "soft_logits", "soft_weights"]

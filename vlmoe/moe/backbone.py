@@ -1,15 +1,21 @@
-"""MoE in the multiway backbone: where the layers go, and collecting their aux losses and metrics."""
+"""MoE in the multiway backbone: where the layers go (sparse or soft), and collecting their aux losses and metrics."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from vlmoe.moe.config import MoEConfig
 from vlmoe.moe.layer import MoE
+from vlmoe.moe.soft import SoftMoE
 
 FfnFactory = Callable[[int, str], nn.Module]
+MoELayer = Union[MoE, SoftMoE]
+# Both kinds hold their expert pool as `.experts` (an `Experts`) and have num_experts, ep_size,
+# ep_group, pop_aux_loss and pop_metrics: the DeepSpeed bridge, expert checkpoints and the
+# trainer treat them alike.
+MOE_LAYER_TYPES = (MoE, SoftMoE)
 
 
 def is_moe_block(block_index: int, modality: str, below: int, every: int) -> bool:
@@ -20,7 +26,8 @@ def is_moe_block(block_index: int, modality: str, below: int, every: int) -> boo
 
 def moe_ffn_factory(model_cfg: Any, moe_cfg: MoEConfig, dense_factory: Optional[FfnFactory] = None,
                     ep_group: Optional[object] = None) -> FfnFactory:
-    """An ffn_factory(block_index, modality) for the multiway backbone with sparse MoE FFNs.
+    """An ffn_factory(block_index, modality) for the multiway backbone with MoE FFNs: sparse `MoE`,
+    or `SoftMoE` where moe_cfg.type is "soft" (same placement).
 
     model_cfg needs dim, ffn_dim, vl_ffn_start, depth (and optionally init_std); dense FFNs come from
     `dense_factory` (default: the backbone's FeedForward). Vision and text get separate expert
@@ -50,22 +57,35 @@ def moe_ffn_factory(model_cfg: Any, moe_cfg: MoEConfig, dense_factory: Optional[
     def factory(block_index: int, modality: str) -> nn.Module:
         if not is_moe_block(block_index, modality, below, moe_cfg.every):
             return dense_factory(block_index, modality)
+        prefix = f"moe/L{block_index}/{modality}"
+        if moe_cfg.type == "soft":
+            return _frozen(SoftMoE(model_cfg.dim, model_cfg.ffn_dim, moe_cfg.num_experts, moe_cfg.slots_per_expert,
+                                   ep_group=ep_group, init_std=init_std, metric_prefix=prefix), moe_cfg.freeze)
         layer = MoE(model_cfg.dim, model_cfg.ffn_dim, moe_cfg.num_experts, k=moe_cfg.k,
                     capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
                     batch_priority=moe_cfg.batch_priority, min_capacity=moe_cfg.min_capacity,
                     noise_std=moe_cfg.noise_std, aux_losses=moe_cfg.losses_for(modality),
                     aux_weight=moe_cfg.aux_weight, z_loss_weight=moe_cfg.z_loss_weight, ep_group=ep_group,
-                    init_std=init_std, metric_prefix=f"moe/L{block_index}/{modality}", backend=moe_cfg.backend)
-        if moe_cfg.freeze:
-            layer.requires_grad_(False)
-        return layer
+                    init_std=init_std, metric_prefix=prefix, backend=moe_cfg.backend)
+        return _frozen(layer, moe_cfg.freeze)
 
     return factory
 
 
-def moe_layers(model: nn.Module) -> list[MoE]:
-    """Every MoE layer of `model`, in module order."""
-    return [m for m in model.modules() if isinstance(m, MoE)]
+def _frozen(layer: nn.Module, freeze: bool) -> nn.Module:
+    if freeze:
+        layer.requires_grad_(False)
+    return layer
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every MoE layer of `model` (sparse and soft), in module order."""
+    return [m for m in model.modules() if isinstance(m, MOE_LAYER_TYPES)]
+
+
+def named_moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    """(module name, layer) of every MoE layer of `model` (sparse and soft), in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MOE_LAYER_TYPES)]
 
 
 def collect_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:

@@ -10,6 +10,7 @@ from vlmoe.moe.tutel_dispatch import check_backend
 
 MODALITIES = ("v", "t")
 PLACEMENTS = ("lower", "all")
+TYPES = ("sparse", "soft")
 
 
 def _default_aux_losses() -> dict[str, list[str]]:
@@ -20,8 +21,14 @@ def _default_aux_losses() -> dict[str, list[str]]:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Sparse MoE in the multiway backbone (VL-MoE defaults).
+    """Sparse or Soft MoE in the multiway backbone (VL-MoE defaults).
 
+    type: "sparse" (top-k routing, the fields below) or "soft" (Soft MoE, Puigcerver et al. 2023:
+    every slot a softmax-weighted mix of its example's tokens, `vlmoe.moe.soft.SoftMoE`, with
+    slots_per_expert slots per expert and example). Under "soft" only num_experts,
+    slots_per_expert, every, placement, ep_size and freeze apply; k, the capacities,
+    batch_priority, noise_std, aux_losses, aux_weight, z_loss_weight and backend are ignored
+    (Soft MoE drops no tokens and has no balancing loss).
     num_experts: E per MoE layer and modality. k: experts per token. capacity_factor /
     eval_capacity_factor: C = ceil(k * cf * S / E) in training / evaluation, at least
     min_capacity. batch_priority: BPR. noise_std: logit noise sigma = noise_std / E in training
@@ -38,7 +45,9 @@ class MoEConfig:
     (fine-tuning, as in ST-MoE / VL-MoE).
     """
 
+    type: str = "sparse"
     num_experts: int = 32
+    slots_per_expert: int = 1
     k: int = 1
     capacity_factor: float = 1.05
     eval_capacity_factor: float = 1.0
@@ -55,7 +64,9 @@ class MoEConfig:
     freeze: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "k", "every", "ep_size"):
+        if self.type not in TYPES:
+            raise ValueError(f"MoEConfig.type must be one of {TYPES}, got {self.type!r}")
+        for name in ("num_experts", "slots_per_expert", "k", "every", "ep_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")

@@ -6,7 +6,7 @@ partitions) only for instances of its own `deepspeed.moe.layer.MoE`, which it re
 ZeRO-3. So for ZeRO <= 2 `prepare_for_deepspeed` turns each `Experts` into a
 `DeepSpeedExperts` (the same module and weights, also a DeepSpeed MoE) and tags expert
 parameters as DeepSpeed does (`allreduce=False`, `group_name="ep_size_P"`); under ZeRO-3 nothing
-is tagged and each MoE layer becomes a ZeRO-3 leaf (all its weights gathered at once, so ranks
+is tagged and each MoE layer (sparse or soft) becomes a ZeRO-3 leaf (all its weights gathered at once, so ranks
 routing to different experts still make the same collective calls).
 
 Expert weights stay out of DeepSpeed's model file (its MoE filter drops keys under a DeepSpeed
@@ -21,8 +21,8 @@ from typing import Any, Iterable, Union
 
 from torch import nn
 
+from vlmoe.moe.backbone import MOE_LAYER_TYPES, moe_layers
 from vlmoe.moe.experts import Experts
-from vlmoe.moe.layer import MoE
 from vlmoe.moe.parallel import expert_group_name
 
 try:
@@ -48,7 +48,7 @@ class DeepSpeedExperts(Experts, _DeepSpeedMoE):
 def prepare_for_deepspeed(model: nn.Module, zero_stage: int) -> int:
     """Prepare every MoE layer of `model` for `deepspeed.initialize` at this ZeRO stage; returns
     the number of MoE layers. Call before building optimizer parameter groups."""
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    layers = moe_layers(model)  # sparse and soft: both hold their expert pool as `.experts`
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     if zero_stage == 3:
@@ -59,7 +59,7 @@ def prepare_for_deepspeed(model: nn.Module, zero_stage: int) -> int:
         if layers:
             from deepspeed.utils import set_z3_leaf_modules
 
-            set_z3_leaf_modules(model, [MoE])
+            set_z3_leaf_modules(model, list(MOE_LAYER_TYPES))
         return len(layers)
     for layer in layers:
         experts = layer.experts

@@ -1,8 +1,8 @@
 """Expert weights in a form independent of the expert-parallel size.
 
 Under EP each rank holds E/P experts of every pool, so a rank's state_dict depends on P.
-`global_expert_state` gathers every pool to its full [E, ...] tensors (a collective over each
-layer's EP group); `load_global_expert_state` takes this rank's slice. A run saved with EP=2
+`global_expert_state` gathers every pool (sparse and soft layers alike) to its full [E, ...]
+tensors (a collective over each layer's EP group); `load_global_expert_state` takes this rank's slice. A run saved with EP=2
 resumes with EP=1 and the other way round. Files are safetensors.
 """
 from __future__ import annotations
@@ -14,27 +14,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vlmoe.moe.layer import MoE
+from vlmoe.moe.backbone import named_moe_layers
 from vlmoe.zero3 import full_parameters, full_shape
 
 EXPERT_PARAMS = ("w_in", "b_in", "w_out", "b_out")
 
 
-def _named_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-
-
 def expert_param_names(model: nn.Module) -> set[str]:
     """state_dict keys of expert weights (their shapes depend on the EP size; exclude them from
     an EP-dependent module state and restore them with `load_global_expert_state`)."""
-    return {f"{name}.experts.{p}" if name else f"experts.{p}" for name, _ in _named_moe_layers(model)
+    return {f"{name}.experts.{p}" if name else f"experts.{p}" for name, _ in named_moe_layers(model)
             for p in EXPERT_PARAMS}
 
 
 def global_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """{"<layer>.experts.<param>": [E, ...]} on CPU for every MoE layer; a collective under EP."""
     state = {}
-    for name, layer in _named_moe_layers(model):
+    for name, layer in named_moe_layers(model):
         with full_parameters(layer.experts):  # ZeRO-3 partitions them between forward passes
             for param_name in EXPERT_PARAMS:
                 local = getattr(layer.experts, param_name).detach()
@@ -51,7 +47,7 @@ def global_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_global_expert_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state") -> None:
     """Copy this rank's experts out of full [E, ...] tensors (from any EP size). Missing keys or a
     different expert count / shape are errors naming `source` and the key."""
-    for name, layer in _named_moe_layers(model):
+    for name, layer in named_moe_layers(model):
         experts = layer.experts
         pool = {}
         for param_name in EXPERT_PARAMS:

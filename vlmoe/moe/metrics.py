@@ -5,10 +5,11 @@ expert), "dropped/<task>" (per pretraining task), "dropped/<task>/<e>" (the
 fraction of the choices routed to expert e that were dropped, per task: VL-MoE Fig. 6), "load/<e>" (fraction of
 routed choices that picked expert e, before capacity), "entropy" (mean router entropy, nats),
 "aux/<term>" (each unweighted aux term, mean over calls), "capacity" (mean slots per expert).
+Soft MoE layers keep `SoftRoutingStats` instead (extremes of their weights, combine entropy).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -91,5 +92,60 @@ class RoutingStats:
                     out[f"{prefix}/dropped/{task}/{expert}"] = value
         for name, total in self._aux.items():
             out[f"{prefix}/aux/{name}"] = float(total) / self._aux_calls
+        self.reset()
+        return out
+
+
+class SoftRoutingStats:
+    """Running statistics of a Soft MoE layer's weights over its real tokens; `summary()` turns them
+    into floats and resets.
+
+    Names under the layer's prefix: "dispatch/min", "dispatch/max" and "combine/min", "combine/max"
+    (extremes since the last summary), "entropy" (mean entropy of a token's combine distribution
+    over the slots, nats; log S = uniform).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._extremes: dict[str, torch.Tensor] = {}
+        self._entropy: Optional[torch.Tensor] = None
+        self._tokens: Optional[torch.Tensor] = None
+        self._calls = 0
+
+    @property
+    def calls(self) -> int:
+        """Forward calls recorded since the last summary."""
+        return self._calls
+
+    def _extreme(self, name: str, value: torch.Tensor,
+                 reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        previous = self._extremes.get(name)
+        self._extremes[name] = value if previous is None else reduce(previous, value)
+
+    @torch.no_grad()
+    def update(self, dispatch: torch.Tensor, combine: torch.Tensor, token_mask: Optional[torch.Tensor]) -> None:
+        """Add one call: dispatch and combine [B, n, S], token_mask [B, n] bool (None = all real)."""
+        real = torch.ones(combine.shape[:2], dtype=torch.bool, device=combine.device) if token_mask is None \
+            else token_mask
+        rows = real.unsqueeze(-1)  # padding rows are left out of the extremes via +-inf fills
+        for name, weights in (("dispatch", dispatch), ("combine", combine)):
+            weights = weights.float()
+            self._extreme(f"{name}/min", weights.masked_fill(~rows, float("inf")).amin(), torch.minimum)
+            self._extreme(f"{name}/max", weights.masked_fill(~rows, float("-inf")).amax(), torch.maximum)
+        combine = combine.float()
+        entropy = -(combine * torch.log(combine.clamp_min(1e-30))).sum(-1)  # [B, n]; 0 on padding
+        self._entropy = RoutingStats._add(self._entropy, entropy.masked_fill(~real, 0.0).sum())
+        self._tokens = RoutingStats._add(self._tokens, real.sum().float())
+        self._calls += 1
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        """Flat metrics named "<prefix>/<name>" since the last summary (empty if no real token); resets."""
+        out: dict[str, float] = {}
+        if self._calls and self._tokens is not None and float(self._tokens) > 0:
+            for name, value in self._extremes.items():
+                out[f"{prefix}/{name}"] = float(value)
+            out[f"{prefix}/entropy"] = float(self._entropy) / float(self._tokens)
         self.reset()
         return out

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from vlmoe.moe.layer import MoE
+from vlmoe.moe.backbone import moe_layers
+from vlmoe.moe.soft import SoftMoE
 
 
 def parameter_report(model: nn.Module) -> dict[str, int]:
@@ -16,18 +17,21 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     parameters applied to an image-text token pair (LIMoE's count, used by VL-MoE Table 1), i.e.
     the dense model's size plus the routers. BASE/32E: 201M with BEiT-3's 64k text vocabulary;
     with VLMO's 30522-token vocabulary 176M, the paper's "180M per token".
+    A Soft MoE layer applies all its experts to every token (each output mixes every slot's), so
+    all its experts count as applied; its routers are phi and the scale.
     """
     report = {"total": 0, "applied_per_token": 0, "routers": 0, "experts": 0, "trainable": 0}
     expert_param_ids = set()
-    for layer in (m for m in model.modules() if isinstance(m, MoE)):
+    for layer in moe_layers(model):
         experts = layer.experts
         local = sum(p.numel() for p in experts.parameters())
         per_expert = local // experts.num_local
         full_pool = per_expert * layer.num_experts
         report["experts"] += full_pool
-        report["routers"] += layer.router.weight.numel()
+        soft = isinstance(layer, SoftMoE)
+        report["routers"] += layer.phi.numel() + layer.scale.numel() if soft else layer.router.weight.numel()
         report["total"] += full_pool
-        report["applied_per_token"] += per_expert * layer.k
+        report["applied_per_token"] += per_expert * (layer.num_experts if soft else layer.k)
         report["trainable"] += full_pool if experts.w_in.requires_grad else 0
         expert_param_ids.update(id(p) for p in experts.parameters())
     for param in model.parameters():
