@@ -205,3 +205,24 @@ def test_account_run_needs_a_run_with_a_committed_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "missing")])
     assert exit_info.value.code == 2
+
+
+def test_soft_moe_counts_its_three_routing_gemms_and_every_slot_row_exactly():
+    from vlmoe.moe.soft import SoftMoE
+
+    torch.manual_seed(0)
+    layer = SoftMoE(d_model=8, d_ff=16, num_experts=3, slots_per_expert=2)  # S = 6 slots per example
+    x = torch.randn(2, 5, 8, requires_grad=True)  # B = 2, n = 5 (padding is in every GEMM too)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    one = 2 * 2 * 5 * 8 * 6  # one thin GEMM over the batch = 960
+    rows = 2 * 6  # every slot of every example through its expert
+    per_row = 2 * 8 * 16
+    counted, analytic = measure_flops(layer, lambda: layer(x, mask).sum().backward())
+    # routing: 3 GEMMs forward; backward d_x and d_phi of the logits, d_dispatch and d_x of the slots,
+    # d_combine and d_expert_out of the output
+    assert analytic.training["routers"] == 3 * one + 6 * one
+    assert analytic.training["experts"] == rows * (2 + 4) * per_row
+    assert counted == analytic.training_total
+    layer.requires_grad_(False)  # frozen (fine-tuning a soft base): no d_phi, and the experts only pass d_x on
+    counted, analytic = measure_flops(layer, lambda: layer(x, mask).sum().backward())
+    assert analytic.training["routers"] == 3 * one + 5 * one and counted == analytic.training_total

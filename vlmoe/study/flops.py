@@ -51,6 +51,7 @@ from vlmoe.model.heads import MLMHead
 from vlmoe.model.multiway import SelfAttention
 from vlmoe.moe.experts import Experts
 from vlmoe.moe.layer import MoE
+from vlmoe.moe.soft import SoftMoE
 
 CATEGORIES = ("embeddings", "dense", "attention", "routers", "experts", "smola_routing", "smola_experts", "lora",
               "heads")
@@ -173,6 +174,20 @@ def soft_mixture_flops(batch: int, tokens: int, d_in: int, d_out: int, columns: 
             "smola_experts": Flops(low + high, experts_backward)}
 
 
+def soft_moe_routing_flops(batch: int, tokens: int, dim: int, slots: int, x_grad: bool, phi_grad: bool,
+                           scale_grad: bool, experts_grad: bool) -> Flops:
+    """`vlmoe.moe.soft.SoftMoE`'s three thin GEMMs per example (padding included): logits
+    norm(x) norm(phi) [n, D] x [D, S]; slots D^T x [S, n] x [n, D]; output C y [n, S] x [S, D].
+    Backward by autograd: each GEMM's gradient of each operand that needs one (dispatch and
+    combine need one when x, phi or scale does; the expert outputs when anything before them does)."""
+    one = 2 * batch * tokens * dim * slots
+    routing_grad = x_grad or phi_grad or scale_grad
+    backward = one * (int(x_grad or scale_grad) + int(phi_grad)  # logits
+                      + int(routing_grad) + int(x_grad)  # slots: d_dispatch, d_x
+                      + int(routing_grad) + int(routing_grad or experts_grad))  # output: d_combine, d_expert_out
+    return Flops(3 * one, backward)
+
+
 def lora_flops(tokens: int, d_in: int, d_out: int, rank: int, input_grad: bool, a_grad: bool, b_grad: bool) -> Flops:
     """LoRA's x A^T (d_in -> r) then (.) B^T (r -> d_out) on ``tokens`` rows (the frozen base apart)."""
     return (linear_flops(tokens, d_in, rank, input_grad, a_grad)
@@ -246,6 +261,13 @@ def _router(module: MoE, args: tuple, kwargs: dict) -> Flops:
     return linear_flops(tokens, module.d_model, module.num_experts, _needs_grad(x), _needs_grad(module.router.weight))
 
 
+def _soft_router(module: SoftMoE, args: tuple, kwargs: dict) -> Flops:
+    x = args[0]
+    batch, tokens, dim = x.shape
+    return soft_moe_routing_flops(batch, tokens, dim, module.phi.shape[1], _needs_grad(x), _needs_grad(module.phi),
+                                  _needs_grad(module.scale), _any_needs_grad(module.experts))
+
+
 def _experts(module: Experts, args: tuple, kwargs: dict) -> Flops:
     buffers, rows_used = args[0], _argument(args, kwargs, 1, "rows_used")
     # rows_used [E]: the kept tokens per expert; without it (expert parallelism) every row is computed.
@@ -303,6 +325,8 @@ def _module_flops(module: nn.Module, heads: set[int], args: tuple, kwargs: dict,
         return {"attention": _attention(module, args[0])}
     if isinstance(module, MoE):
         return {"routers": _router(module, args, kwargs)}
+    if isinstance(module, SoftMoE):
+        return {"routers": _soft_router(module, args, kwargs)}
     if isinstance(module, Experts):
         return {"experts": _experts(module, args, kwargs)}
     if isinstance(module, (SMoLALinear, OmniSMoLALinear)):
@@ -312,7 +336,7 @@ def _module_flops(module: nn.Module, heads: set[int], args: tuple, kwargs: dict,
     return {}
 
 
-COUNTED_TYPES = (nn.Linear, MLMHead, nn.Conv2d, SelfAttention, MoE, Experts, SMoLALinear, OmniSMoLALinear, LoRALinear)
+COUNTED_TYPES = (nn.Linear, MLMHead, nn.Conv2d, SelfAttention, MoE, SoftMoE, Experts, SMoLALinear, OmniSMoLALinear, LoRALinear)
 
 
 @contextmanager
