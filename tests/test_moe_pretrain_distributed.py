@@ -108,3 +108,17 @@ def test_soft_moe_ep2_pretraining_loss_falls_without_aux_loss(prepared_data, tmp
     exported = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all(v.shape[0] == 8 for k, v in exported.items() if ".experts." in k)  # whole pools
     assert any(k.endswith(".phi") for k in exported)
+
+    # resumed from its committed step-8 checkpoint, the run computes steps 9-12 exactly again
+    import shutil
+    resumed = tmp_path / "soft-resumed"
+    shutil.copytree(run_dir, resumed)
+    (resumed / "checkpoints" / "last_good").write_text(tag_for(8) + "\n")
+    proc = run(deepspeed_cmd(2, "pretrain", "pretrain_tiny_moe", f"data.dir={prepared_data}", f"run_dir={resumed}",
+                             *args, "moe.type=soft", "moe.slots_per_expert=2"), timeout=600)
+    assert "at step 8" in proc.stdout and "done: step 12 (4 steps in" in proc.stdout  # steps 9-12 ran again
+    again = {r["step"]: r for r in read_metrics(resumed, "loss")}
+    assert sorted(again) == list(range(1, 13))  # the resumed run's records replaced the copied ones
+    for record in records[8:]:
+        assert [again[record["step"]][k] for k in ("loss", "mlm", "mim", "vlm")] == \
+            [record[k] for k in ("loss", "mlm", "mim", "vlm")], record["step"]
