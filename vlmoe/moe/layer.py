@@ -9,6 +9,7 @@ from torch import nn
 
 from vlmoe.model.init import init_linears_
 from vlmoe.moe.dispatch import IndexDispatcher
+from vlmoe.moe.expert_layer import ExpertLayer, in_backward
 from vlmoe.moe.experts import Experts
 from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE, RouterTensors, aux_loss_terms, weighted_aux_loss
 from vlmoe.moe.metrics import RoutingStats
@@ -24,12 +25,7 @@ def _current_task() -> Optional[str]:
     return current_task()
 
 
-def _in_backward() -> bool:
-    # Activation checkpointing re-runs forward inside backward; that re-run must not count twice.
-    return torch._C._current_graph_task_id() != -1
-
-
-class MoE(nn.Module):
+class MoE(ExpertLayer):
     """Sparse mixture of FFN experts replacing one FFN: forward(x [..., d_model], token_mask) -> same shape.
 
     Tokens (those with token_mask True, all if None) form one routing group; padding takes no
@@ -68,8 +64,7 @@ class MoE(nn.Module):
         num_local = num_experts // ep_size
         self.experts = Experts(d_model, d_ff, num_local, first_expert=ep_rank * num_local, init_std=init_std,
                                seed=seed)
-        # Training and evaluation keep their own statistics: an evaluation between two log steps
-        # must neither take the training steps' routing (and report it as validation) nor add to it.
+        # per mode (see ExpertLayer): an evaluation neither takes nor adds to the training routing
         self.train_stats, self.eval_stats = RoutingStats(num_experts), RoutingStats(num_experts)
         self._aux_sum: Optional[torch.Tensor] = None
         self._aux_calls = 0
@@ -115,7 +110,7 @@ class MoE(nn.Module):
         # Aux terms are computed on every run so that an activation-checkpoint re-run saves the
         # same tensors; only the first run (not inside backward) records them.
         terms = self._aux_terms(routing, logits, noisy, noise_std)
-        if not _in_backward():
+        if not in_backward():
             self._record(routing, terms)
         return out
 
@@ -144,19 +139,6 @@ class MoE(nn.Module):
         self._aux_sum, self._aux_calls = None, 0
         return loss
 
-    @property
-    def stats(self) -> RoutingStats:
-        """The statistics of the current mode (training or evaluation)."""
-        return self.train_stats if self.training else self.eval_stats
-
-    def pop_metrics(self) -> dict[str, float]:
-        """Routing metrics of the current mode since its last pop, named under `metric_prefix`; resets."""
-        return self.stats.summary(self.metric_prefix)
-
-    @torch.no_grad()
-    def rescale_output_(self, factor: float) -> None:
-        """BEiT depth rescale of the experts' output projections (called by the backbone)."""
-        self.experts.rescale_output_(factor)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, ep_size={self.ep_size}, "

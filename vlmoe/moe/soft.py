@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vlmoe.moe.expert_layer import ExpertLayer, in_backward
 from vlmoe.moe.experts import Experts
-from vlmoe.moe.layer import _in_backward
 from vlmoe.moe.metrics import SoftRoutingStats
 from vlmoe.moe.parallel import ep_rank_and_size, run_expert_parallel
 
@@ -77,7 +77,7 @@ def buffers_to_slots(buffers: torch.Tensor, batch: int) -> torch.Tensor:
     return buffers.view(num_experts, batch, per_expert, dim).transpose(0, 1).reshape(batch, -1, dim)
 
 
-class SoftMoE(nn.Module):
+class SoftMoE(ExpertLayer):
     """Soft mixture of FFN experts replacing one FFN: forward(x [B, n, D], token_mask [B, n]) -> [B, n, D].
 
     Router parameters: phi [D, E*p] (trunc-normal, init_std) and a scalar scale [1] (1.0). Experts are
@@ -131,7 +131,7 @@ class SoftMoE(nn.Module):
             expert_out = run_expert_parallel(buffers, self.experts, self.ep_group)
         out_slots = buffers_to_slots(expert_out, x.shape[0])
         out = weights.combine.to(out_slots.dtype) @ out_slots  # [B, n, D]; zero rows for padding
-        if not _in_backward():  # an activation-checkpoint re-run must not count twice
+        if not in_backward():  # an activation-checkpoint re-run must not count twice
             self.stats.update(weights.dispatch, weights.combine, token_mask)
         return out
 
@@ -139,19 +139,6 @@ class SoftMoE(nn.Module):
         """Soft MoE has no balancing loss: always None (the trainer then logs no aux_loss)."""
         return None
 
-    @property
-    def stats(self) -> SoftRoutingStats:
-        """The statistics of the current mode (training or evaluation)."""
-        return self.train_stats if self.training else self.eval_stats
-
-    def pop_metrics(self) -> dict[str, float]:
-        """Weight statistics of the current mode since its last pop, named under `metric_prefix`; resets."""
-        return self.stats.summary(self.metric_prefix)
-
-    @torch.no_grad()
-    def rescale_output_(self, factor: float) -> None:
-        """BEiT depth rescale of the experts' output projections (called by the backbone)."""
-        self.experts.rescale_output_(factor)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, "
