@@ -226,3 +226,32 @@ def test_soft_moe_counts_its_three_routing_gemms_and_every_slot_row_exactly():
     layer.requires_grad_(False)  # frozen (fine-tuning a soft base): no d_phi, and the experts only pass d_x on
     counted, analytic = measure_flops(layer, lambda: layer(x, mask).sum().backward())
     assert analytic.training["routers"] == 3 * one + 5 * one and counted == analytic.training_total
+
+
+def test_accounting_training_step_of_a_soft_moe_model_which_has_no_aux_loss():
+    # Soft MoE has no balancing loss: the pretraining task's extra_loss returns None, which the
+    # trainer skips; the accounting's training step must too (it added None to the loss).
+    from vlmoe.moe.backbone import collect_aux_loss
+    from vlmoe.moe.soft import SoftMoE
+    from vlmoe.study.accounting import training_step
+    from vlmoe.train.trainer import Task
+
+    class SoftModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = SoftMoE(d_model=8, d_ff=16, num_experts=2, slots_per_expert=2)
+
+        def forward(self, batch: dict) -> dict:
+            return {"loss": self.moe(batch["x"], batch["mask"]).pow(2).mean()}
+
+    torch.manual_seed(0)
+    model = SoftModel()
+    task = Task(model=model, train_batches=None, eval_batches=None, count_tokens=lambda batch: 0,
+                extra_loss=collect_aux_loss)
+    batch = {"x": torch.randn(2, 5, 8), "mask": torch.tensor([[1, 1, 1, 0, 0], [1] * 5], dtype=torch.bool)}
+    counted, analytic = training_step(task, batch, seed=0)
+    assert collect_aux_loss(model) is None
+    # the experts see 2 examples x 4 slots; everything is counted exactly (no capacity, no attention)
+    assert analytic.training["experts"] == 2 * 4 * (2 + 4) * (2 * 8 * 16)
+    assert counted == analytic.training_total
+    assert all(p.grad is None for p in model.parameters())  # the step's gradients are cleared

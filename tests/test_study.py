@@ -107,6 +107,37 @@ def test_plan_shares_identical_pretraining_and_orders_the_stages(tmp_path):
     assert all(order[d] < order[j.name] for j in plan.jobs for d in j.depends)
 
 
+def test_default_grid_has_a_soft_moe_cell_in_the_sparse_cells_layers(tmp_path):
+    from vlmoe.config import load_config, to_dict
+
+    grid = load_grid("default", [f"study.dir={tmp_path / 'study'}"])
+    cells = {c.name: c for c in grid.cells}
+    assert list(cells)[:6] == ["dense", "sparse-load", "sparse-vloss", "sparse-vloss-bpr", "sparse-vloss-z", "soft"]
+    assert cells["soft"].tasks == ()  # pretraining only
+    plan = make_plan(grid, tmp_path / "study")
+    runs = {(r.cell, r.seed): r for r in plan.cells}
+    # each seed pretrains dense, the 4 sparse cells and soft (the SMoLA cells share dense and
+    # sparse-vloss-bpr's runs), and accounts each run
+    assert [j.name for j in plan.jobs if j.kind == "pretrain"][:6] == [
+        f"{c}/seed1/pretrain" for c in ("dense", "sparse-load", "sparse-vloss", "sparse-vloss-bpr", "sparse-vloss-z",
+                                        "soft")]
+    assert sum(j.kind == "pretrain" for j in plan.jobs) == 12 and len(plan.jobs) == 60
+    soft = load_config(runs[("soft", 1)].pretrain.args[1])
+    sparse = load_config(runs[("sparse-vloss-bpr", 1)].pretrain.args[1])
+    dense = load_config(runs[("dense", 1)].pretrain.args[1])
+    assert soft.moe.type == "soft" and sparse.moe.type == "sparse" and dense.moe is None
+    assert soft.moe.slots_per_expert == 3
+    for key in ("num_experts", "every", "placement", "ep_size"):
+        assert getattr(soft.moe, key) == getattr(sparse.moe, key), key
+    # everything but the MoE section (and where it runs) as the dense cell trains it
+    soft_tree, dense_tree = to_dict(soft), to_dict(dense)
+    assert {k for k in soft_tree if k not in ("moe", "run_dir") and soft_tree[k] != dense_tree[k]} == set()
+    assert soft.train.steps == 200 and soft.seed == 1
+    finding = next(f for f in grid.findings if "soft" in f.cells)
+    assert finding.cells == ("dense", "sparse-vloss-bpr", "soft") and finding.expect == "decreasing"
+    assert finding.metrics == ("pretrain/mlm_loss", "pretrain/mim_loss", "pretrain/vlm_loss")
+
+
 def test_emitted_slurm_script_and_commands(tmp_path):
     path = _grid_file(tmp_path, _tree(tmp_path, axes={"finetune.method": ["smola", "lora"]},
                                       cells={"sparse": {"moe": {"num_experts": 16, "ep_size": 8}}}))

@@ -130,7 +130,9 @@ def training_step(task: Task, batch: dict, seed: int) -> tuple[int, AnalyticFlop
 
     def step() -> None:
         out = model(batch)
-        loss = out["loss"] if task.extra_loss is None else out["loss"] + task.extra_loss(model)
+        # as the trainer adds it: None where no term was measured (Soft MoE, no balancing loss configured)
+        extra = task.extra_loss(model) if task.extra_loss is not None else None
+        loss = out["loss"] if extra is None else out["loss"] + extra
         loss.backward()
 
     counted, analytic = measure_flops(model, step)
