@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vlmoe.moe import MoE, SoftMoE
+from vlmoe.moe import MoE, MoEConfig, SoftMoE
 from vlmoe.moe.dispatch import buffer_capacity
 from vlmoe.moe.experts import Experts
 from bench_device import add_device_option, bench_device  # scripts/, beside this file
@@ -60,8 +60,8 @@ class Step:
 
 
 def _ours(d: int, d_ff: int, experts: int, cf: float, device: torch.device, backend: str = "ours") -> Step:
-    layer = MoE(d, d_ff, experts, k=1, capacity_factor=cf, batch_priority=True, aux_losses=("vloss",),
-                backend=backend).train()
+    config = MoEConfig(num_experts=experts, k=1, capacity_factor=cf, batch_priority=True, backend=backend)
+    layer = MoE(d, d_ff, config, modality="v").train()  # V's default balancing loss: vloss
     return Step(layer, lambda x: layer(x).float().sum() + layer.pop_aux_loss(), device)
 
 
@@ -80,7 +80,7 @@ def _experts_only(d: int, d_ff: int, experts: int, cf: float, tokens: int, devic
 
 def _soft(d: int, d_ff: int, experts: int, slots_per_expert: int, group: int, device: torch.device) -> Step:
     """Our Soft MoE on the same tokens as [tokens / group, group, d] examples (one routing group each)."""
-    layer = SoftMoE(d, d_ff, experts, slots_per_expert=slots_per_expert).train()
+    layer = SoftMoE(d, d_ff, MoEConfig(type="soft", num_experts=experts, slots_per_expert=slots_per_expert)).train()
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         out = layer(x.view(-1, group, d)).float().sum()

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from _rank_exit import skip_interpreter_teardown
-from vlmoe.moe import MoE, SoftMoE
+from vlmoe.moe import MoE, MoEConfig, SoftMoE
 from vlmoe.moe.expert_checkpoint import global_expert_state, save_experts
 
 
@@ -28,11 +28,12 @@ def _tokens(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def equivalence(out_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    kwargs = dict(k=2, capacity_factor=0.25, min_capacity=0, noise_std=0.0, aux_losses=("switch",), seed=7)
+    config = MoEConfig(num_experts=8, k=2, capacity_factor=0.25, min_capacity=0, noise_std=0.0,
+                       aux_losses={"v": ["switch"], "t": ["switch"]})
     torch.manual_seed(0)
-    sharded = MoE(16, 24, 8, ep_group=dist.group.WORLD, **kwargs).train()
+    sharded = MoE(16, 24, config, ep_group=dist.group.WORLD, seed=7).train()
     torch.manual_seed(0)
-    full = MoE(16, 24, 8, **kwargs).train()
+    full = MoE(16, 24, config, seed=7).train()
     num_local = 8 // world
     local = slice(rank * num_local, (rank + 1) * num_local)
     init_equal = all(torch.equal(getattr(sharded.experts, n), getattr(full.experts, n)[local])
@@ -77,9 +78,10 @@ def soft_equivalence(out_path: str) -> None:
     """Soft MoE: experts sharded over the world (slot buffers by all-to-all) vs the whole pool here."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    sharded = SoftMoE(16, 24, 8, slots_per_expert=2, ep_group=dist.group.WORLD, init_std=0.3, seed=7)
+    config = MoEConfig(type="soft", num_experts=8, slots_per_expert=2)
+    sharded = SoftMoE(16, 24, config, ep_group=dist.group.WORLD, init_std=0.3, seed=7)
     torch.manual_seed(0)
-    full = SoftMoE(16, 24, 8, slots_per_expert=2, init_std=0.3, seed=7)
+    full = SoftMoE(16, 24, config, init_std=0.3, seed=7)
     local = slice(rank * (8 // world), (rank + 1) * (8 // world))
     with torch.no_grad():  # random biases, so that bias gradients are checked too
         for name in ("b_in", "b_out"):
@@ -94,7 +96,7 @@ def soft_equivalence(out_path: str) -> None:
         out = layer(xi, mask)
         (out * upstream).sum().backward()
         results[name] = out.detach()
-        grads[name] = {"x": xi.grad, "phi": layer.phi.grad.clone(), "scale": layer.scale.grad.reshape(1).clone(),
+        grads[name] = {"x": xi.grad, "phi": layer.router.phi.grad.clone(), "scale": layer.router.scale.grad.reshape(1).clone(),
                        **{n: getattr(layer.experts, n).grad.clone() for n in ("w_in", "b_in", "w_out", "b_out")}}
     for n in ("w_in", "b_in", "w_out", "b_out"):  # the EP experts saw every rank's slots
         dist.all_reduce(grads["ref"][n])
@@ -115,8 +117,9 @@ class _TinyMoEModel(torch.nn.Module):
         super().__init__()
         torch.manual_seed(21)
         self.proj = torch.nn.Linear(16, 16)
-        self.moe = MoE(16, 24, 8, k=1, capacity_factor=1.0, min_capacity=0, noise_std=0.0, aux_losses=("switch",),
-                       aux_weight=0.1, ep_group=ep_group, init_std=0.5)
+        config = MoEConfig(num_experts=8, k=1, capacity_factor=1.0, min_capacity=0, noise_std=0.0,
+                           aux_losses={"v": ["switch"], "t": ["switch"]}, aux_weight=0.1)
+        self.moe = MoE(16, 24, config, ep_group=ep_group, init_std=0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.moe(self.proj(x))

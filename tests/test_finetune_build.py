@@ -93,7 +93,7 @@ def _exported_sparse_run(run_dir, tokenizer_file, moe_record: dict) -> VLMoEForP
 
 
 def test_a_sparse_base_is_frozen_without_router_noise_or_aux_loss_and_tutel_falls_back(tmp_path, prepared_data):
-    from vlmoe.moe.tutel_dispatch import tutel_installed
+    from vlmoe.moe.backends import tutel_installed
 
     # the record as a tutel run on a GPU cluster writes it (MoEConfig checks tutel, a dict does not)
     record = {**MoEConfig(num_experts=4).to_dict(), "backend": "tutel", "ep_size": 2}
@@ -109,7 +109,7 @@ def test_a_sparse_base_is_frozen_without_router_noise_or_aux_loss_and_tutel_fall
     state = pretrained.backbone.state_dict()
     assert all(torch.equal(t, state[n]) for n, t in base.module.state_dict().items())
     assert all(not p.requires_grad for m in layers for p in m.parameters())
-    assert all(m.noise_std == 0.0 and m.aux_losses == () for m in layers)  # nothing reaches the adapters from routing
+    assert all(m.config.noise_std == 0.0 and m.aux_losses == () for m in layers)  # nothing reaches the adapters from routing
 
     # a fine-tuning model on it: the aux loss stays off, adapters stay off routers, routing metrics are kept
     cfg = load_config("finetune_tiny_vqa", ["finetune.smola.num_experts=4"])
@@ -129,7 +129,7 @@ def test_a_sparse_base_is_frozen_without_router_noise_or_aux_loss_and_tutel_fall
     with pytest.raises(ConfigError, match="need router noise"):  # vloss / load need the noisy gates
         load_multiway_base(tmp_path, None, aux_loss=True)
     with_aux = load_multiway_base(tmp_path, None, aux_loss=True, router_noise=True)
-    assert all(m.aux_losses and m.noise_std > 0 for m in moe_layers(with_aux.module))
+    assert all(m.aux_losses and m.config.noise_std > 0 for m in moe_layers(with_aux.module))
 
 
 def test_a_run_refuses_a_base_that_changed_since_it_started(tmp_path, prepared_data):

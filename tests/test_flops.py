@@ -18,7 +18,9 @@ from torch import nn
 import smola
 from vlmoe.config import ConfigError
 from vlmoe.model.config import model_config
-from vlmoe.model.multiway import FeedForward, MultiwayTransformer, SelfAttention
+from vlmoe.model.multiway import MultiwayTransformer, SelfAttention
+from vlmoe.nn.feed_forward import FeedForward
+from vlmoe.moe.config import MoEConfig
 from vlmoe.moe.layer import MoE
 from vlmoe.study.accounting import ACCOUNTING_FILE, account_run, main
 from vlmoe.study.flops import CATEGORIES, measure_flops
@@ -54,8 +56,8 @@ def test_dense_ffn_forward_and_training_step():
 def _routed_moe() -> tuple[MoE, torch.Tensor]:
     """4 experts of 8 -> 16 -> 8; 6 one-hot tokens whose router logit is 10 at their expert
     (0, 0, 0, 1, 2, 2) and 0 elsewhere, so top-1 routing is known; no noise."""
-    layer = MoE(d_model=8, d_ff=16, num_experts=4, k=1, capacity_factor=2.0, eval_capacity_factor=1.0,
-                min_capacity=1, noise_std=0.0, aux_losses=("switch",))
+    layer = MoE(d_model=8, d_ff=16, config=MoEConfig(num_experts=4, k=1, capacity_factor=2.0, eval_capacity_factor=1.0,
+                                                    min_capacity=1, noise_std=0.0, aux_losses={"v": ["switch"], "t": ["switch"]}))
     with torch.no_grad():
         layer.router.weight.copy_(10 * torch.eye(8)[:4])
     tokens = torch.eye(8)[[0, 0, 0, 1, 2, 2]].unsqueeze(0)
@@ -211,7 +213,7 @@ def test_soft_moe_counts_its_three_routing_gemms_and_every_slot_row_exactly():
     from vlmoe.moe.soft import SoftMoE
 
     torch.manual_seed(0)
-    layer = SoftMoE(d_model=8, d_ff=16, num_experts=3, slots_per_expert=2)  # S = 6 slots per example
+    layer = SoftMoE(d_model=8, d_ff=16, config=MoEConfig(type="soft", num_experts=3, slots_per_expert=2))  # S = 6 slots per example
     x = torch.randn(2, 5, 8, requires_grad=True)  # B = 2, n = 5 (padding is in every GEMM too)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     one = 2 * 2 * 5 * 8 * 6  # one thin GEMM over the batch = 960

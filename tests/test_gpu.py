@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import smola
-from vlmoe.moe import MoE
+from vlmoe.moe import MoE, MoEConfig
 from vlmoe.moe.router import expert_capacity, route
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +30,9 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 # Priority Routing paths run), k=2, and the routing losses that need no noise (noise is drawn
 # from each device's own generator, so it would differ between CPU and CUDA)
 D_MODEL, D_FF, EXPERTS, TOKENS = 32, 64, 4, (4, 16)
-MOE_KWARGS = dict(k=2, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, noise_std=0.0,
-                  aux_losses=("importance", "switch"), aux_weight=0.01, z_loss_weight=0.001, seed=7)
+MOE_CONFIG = MoEConfig(num_experts=EXPERTS, k=2, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0,
+                       noise_std=0.0, aux_losses={"v": ["importance", "switch"], "t": []}, aux_weight=0.01,
+                       z_loss_weight=0.001)
 
 
 @contextlib.contextmanager
@@ -49,7 +50,7 @@ def moe_layer() -> MoE:
     """The test's layer, identical on every call (seeded), with a router sharp enough that the
     gates are far apart (no near-ties for CPU and CUDA rounding to break differently)."""
     torch.manual_seed(0)
-    layer = MoE(D_MODEL, D_FF, EXPERTS, **MOE_KWARGS)
+    layer = MoE(D_MODEL, D_FF, MOE_CONFIG, seed=7)
     with torch.no_grad():
         layer.router.weight.mul_(20)
         layer.experts.b_in.normal_(0, 0.1)
@@ -101,7 +102,7 @@ def test_moe_test_data_has_no_near_ties():
     assert (top[:, 1] - top[:, 2]).min() > 1e-4  # the top-2 experts are unambiguous
     first = top[:, 0].sort().values
     assert (first[1:] - first[:-1]).min() > 1e-6  # BPR's order is unambiguous
-    capacity = expert_capacity(tokens.shape[0], EXPERTS, 2, MOE_KWARGS["capacity_factor"], 0)
+    capacity = expert_capacity(tokens.shape[0], EXPERTS, 2, MOE_CONFIG.capacity_factor, 0)
     routing = route(logits, 2, capacity, batch_priority=True)
     assert 0 < (routing.slot < 0).sum() < routing.slot.numel()  # some, not all, choices dropped
 

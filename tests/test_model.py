@@ -10,9 +10,10 @@ from torch import nn
 
 from smola.context import current_token_masks
 from vlmoe.model.config import PRESETS, ModelConfig, model_config
-from vlmoe.model.multiway import DropPath, FeedForward, MultiwayTransformer
+from vlmoe.model.multiway import DropPath, MultiwayTransformer
+from vlmoe.nn.feed_forward import FeedForward
 from vlmoe.model.pretraining import VLMoEForPretraining
-from vlmoe.model.task import current_task, task_scope
+from vlmoe.nn.task_scope import current_task, task_scope
 from vlmoe.model.objectives import prediction_accuracy, prediction_loss, pretraining_loss
 
 torch.set_num_threads(1)

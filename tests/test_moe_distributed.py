@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import free_port, launch_env
-from vlmoe.moe import MoE
+from vlmoe.moe import MoE, MoEConfig
 from vlmoe.moe.expert_checkpoint import load_experts
 
 RANKS = Path(__file__).resolve().parent / "_moe_ranks.py"
@@ -73,7 +73,7 @@ def test_deepspeed_checkpoints_resume_across_ep_sizes(tmp_path):
 
 def test_expert_checkpoint_errors(tmp_path):
     torch.manual_seed(0)
-    model = torch.nn.ModuleDict({"a": MoE(16, 24, 8), "b": MoE(16, 24, 8)})
+    model = torch.nn.ModuleDict({"a": MoE(16, 24, MoEConfig(num_experts=8)), "b": MoE(16, 24, MoEConfig(num_experts=8))})
     with pytest.raises(FileNotFoundError, match="expert checkpoint .* not found"):
         load_experts(model, tmp_path / "missing.safetensors")
     from safetensors.torch import save_file
@@ -103,8 +103,8 @@ def test_deepspeed_zero_steps_match_hand_computed_sgd(tmp_path):
 
 
 def test_prepare_for_deepspeed_rejects_bad_stage():
-    from vlmoe.moe import MoE
+    from vlmoe.moe import MoE, MoEConfig
     from vlmoe.moe.deepspeed_bridge import prepare_for_deepspeed
 
     with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3, got 4"):
-        prepare_for_deepspeed(MoE(4, 8, 2), 4)
+        prepare_for_deepspeed(MoE(4, 8, MoEConfig(num_experts=2)), 4)

@@ -10,7 +10,7 @@ import yaml
 from vlmoe.model.config import model_config
 from vlmoe.model.multiway import MultiwayTransformer
 from vlmoe.model.pretraining import VLMoEForPretraining
-from vlmoe.model.task import task_scope
+from vlmoe.nn.task_scope import task_scope
 from vlmoe.moe import MoE, MoEConfig, collect_aux_loss, collect_metrics, freeze_moe, moe_ffn_factory, parameter_report
 from vlmoe.moe.backbone import moe_layers
 
@@ -36,7 +36,7 @@ def reference_moe(layer: MoE, tokens: torch.Tensor, capacity: int) -> torch.Tens
 @pytest.mark.parametrize("k", [1, 2])
 def test_layer_matches_per_token_reference(k):
     torch.manual_seed(0)
-    layer = MoE(8, 16, 4, k=k, capacity_factor=1.0, eval_capacity_factor=0.75, min_capacity=0).eval()
+    layer = MoE(8, 16, MoEConfig(num_experts=4, k=k, capacity_factor=1.0, eval_capacity_factor=0.75, min_capacity=0)).eval()
     with torch.no_grad():
         layer.experts.b_in.normal_()
         layer.experts.b_out.normal_()
@@ -56,7 +56,7 @@ def test_layer_matches_per_token_reference(k):
 
 def test_gradients_match_reference():
     torch.manual_seed(1)
-    layer = MoE(6, 10, 3, k=2, eval_capacity_factor=0.8, min_capacity=0).eval()
+    layer = MoE(6, 10, MoEConfig(num_experts=3, k=2, eval_capacity_factor=0.8, min_capacity=0)).eval()
     x = torch.randn(12, 6, requires_grad=True)
     layer(x).pow(2).sum().backward()
     grads = [p.grad.clone() for p in (layer.router.weight, layer.experts.w_in, layer.experts.w_out)]
@@ -134,7 +134,7 @@ def test_expert_weight_gradients_reuse_memory_only_when_nobody_holds_it():
 
 def test_padding_takes_no_capacity_and_gets_zero_output():
     torch.manual_seed(2)
-    layer = MoE(8, 16, 4, min_capacity=0).eval()
+    layer = MoE(8, 16, MoEConfig(num_experts=4, min_capacity=0)).eval()
     x = torch.randn(2, 6, 8)
     mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
     out = layer(x, mask)
@@ -151,7 +151,7 @@ def test_experts_run_in_the_autocast_dtype_and_train_their_fp32_weights():
     # a custom autograd function is not cast by autocast: the layer casts for it (it used to fail
     # with "Input dtypes must be the same" in the second expert GEMM)
     torch.manual_seed(0)
-    layer = MoE(16, 32, 4, noise_std=0.0, aux_losses=("switch",)).train()
+    layer = MoE(16, 32, MoEConfig(num_experts=4, noise_std=0.0, aux_losses={"v": ["switch"], "t": ["switch"]})).train()
     x = torch.randn(2, 12, 16)
     reference = layer(x)
     layer.pop_aux_loss()
@@ -164,7 +164,8 @@ def test_experts_run_in_the_autocast_dtype_and_train_their_fp32_weights():
 
 def test_training_noise_aux_loss_and_task_metrics():
     torch.manual_seed(3)
-    layer = MoE(8, 16, 4, aux_losses=("vloss", "switch"), z_loss_weight=0.001, metric_prefix="moe/L1/v").train()
+    layer = MoE(8, 16, MoEConfig(num_experts=4, aux_losses={"v": ["vloss", "switch"]}, z_loss_weight=0.001),
+                metric_prefix="moe/L1/v").train()
     x = torch.randn(32, 8)
     with task_scope("mim"):
         layer(x)
@@ -186,7 +187,7 @@ def test_training_noise_aux_loss_and_task_metrics():
 
 
 def test_eval_uses_eval_capacity_factor():
-    layer = MoE(4, 8, 2, capacity_factor=2.0, eval_capacity_factor=0.5, min_capacity=0)
+    layer = MoE(4, 8, MoEConfig(num_experts=2, capacity_factor=2.0, eval_capacity_factor=0.5, min_capacity=0))
     layer.train()(torch.randn(8, 4))
     assert layer.pop_metrics()["moe/capacity"] == 8
     layer.eval()(torch.randn(8, 4))
@@ -366,8 +367,8 @@ def test_moe_config_rejects_bad_values():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['experts'\]"):
         MoEConfig.from_dict({"experts": 4})
     assert MoEConfig.from_dict(MoEConfig().to_dict()) == MoEConfig()
-    with pytest.raises(ValueError, match="unknown aux loss"):
-        MoE(4, 8, 2, aux_losses=("nope",))
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        MoEConfig(num_experts=2, aux_losses={"v": ["nope"]})
 
 
 def test_dropped_fraction_per_expert_and_task_by_hand():

@@ -18,7 +18,7 @@ def loop_soft_moe(layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor) -> list:
     """The Soft MoE equations in plain Python loops over b, t, s (float64 lists)."""
     B, n, D = x.shape
     S, p = layer.num_slots, layer.slots_per_expert
-    xs, phi, scale = x.tolist(), layer.phi.tolist(), layer.scale.item()
+    xs, phi, scale = x.tolist(), layer.router.phi.tolist(), layer.router.scale.item()
     w_in, b_in = layer.experts.w_in.tolist(), layer.experts.b_in.tolist()
     w_out, b_out = layer.experts.w_out.tolist(), layer.experts.b_out.tolist()
     d_ff = len(b_in[0][0])
@@ -62,11 +62,11 @@ def loop_soft_moe(layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor) -> list:
 
 def tiny_layer(seed: int = 0, **kwargs) -> SoftMoE:
     torch.manual_seed(seed)
-    layer = SoftMoE(6, 10, 3, slots_per_expert=2, init_std=0.5, seed=seed, **kwargs).double()
+    layer = SoftMoE(6, 10, MoEConfig(type="soft", num_experts=3, slots_per_expert=2), init_std=0.5, seed=seed, **kwargs).double()
     with torch.no_grad():  # non-zero biases and a scale other than 1, so that both are checked
         for param in (layer.experts.b_in, layer.experts.b_out):
             param.normal_(std=0.3)
-        layer.scale.fill_(1.7)
+        layer.router.scale.fill_(1.7)
     return layer
 
 
@@ -112,18 +112,18 @@ def test_gradcheck_inputs_phi_and_scale():
     layer.experts.requires_grad_(False)
     x = torch.randn(2, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
     mask = torch.tensor([[True, True, True, False], [True] * 4])
-    phi = layer.phi.detach().clone().requires_grad_(True)
-    scale = layer.scale.detach().clone().requires_grad_(True)
+    phi = layer.router.phi.detach().clone().requires_grad_(True)
+    scale = layer.router.scale.detach().clone().requires_grad_(True)
 
     def f(x, phi, scale):
-        return torch.func.functional_call(layer, {"phi": phi, "scale": scale}, (x, mask))
+        return torch.func.functional_call(layer, {"router.phi": phi, "router.scale": scale}, (x, mask))
 
     assert torch.autograd.gradcheck(f, (x, phi, scale))
 
 
 def test_routing_of_an_example_does_not_depend_on_the_others():
     torch.manual_seed(0)
-    layer = SoftMoE(16, 32, 4, slots_per_expert=2)
+    layer = SoftMoE(16, 32, MoEConfig(type="soft", num_experts=4, slots_per_expert=2))
     x = torch.randn(4, 7, 16)
     mask = torch.ones(4, 7, dtype=torch.bool)
     mask[2, 5:] = False
@@ -145,7 +145,7 @@ def test_metrics_per_mode_and_no_aux_loss():
     assert layer.pop_metrics() == {}  # training's calls are not evaluation's
     layer.train()
     metrics = layer.pop_metrics()
-    weights = soft_weights(soft_logits(x, layer.phi, layer.scale), mask)
+    weights = soft_weights(soft_logits(x, layer.router.phi, layer.router.scale), mask)
     real = mask.unsqueeze(-1).expand_as(weights.combine)
     assert metrics["moe/L1/v/dispatch/min"] == pytest.approx(weights.dispatch[real].min().item())
     assert metrics["moe/L1/v/dispatch/max"] == pytest.approx(weights.dispatch[real].max().item())
@@ -170,7 +170,7 @@ def test_factory_builds_soft_layers_per_modality_and_the_trainer_interface_works
     assert kinds == [("FeedForward", "FeedForward"), ("SoftMoE", "SoftMoE")] * 2
     layers = moe_layers(model)
     assert len(layers) == 4 and all(layer.num_slots == 8 for layer in layers)
-    assert layers[0].phi is not layers[1].phi and layers[0].experts is not layers[1].experts
+    assert layers[0].router.phi is not layers[1].router.phi and layers[0].experts is not layers[1].experts
     out = model(_batch(cfg))
     assert collect_aux_loss(model) is None
     out["loss"].backward()
@@ -194,10 +194,10 @@ def test_deepspeed_bridge_tags_soft_experts_and_checkpoints_round_trip(tmp_path)
     layer = moe_layers(model)[0]
     assert isinstance(layer.experts, DeepSpeedExperts)
     assert all(p.allreduce is False for p in layer.experts.parameters())
-    assert getattr(layer.phi, "allreduce", True) and getattr(layer.scale, "allreduce", True)  # dense params
+    assert getattr(layer.router.phi, "allreduce", True) and getattr(layer.router.scale, "allreduce", True)  # dense params
     groups = moe_param_groups(model.parameters())
     expert_ids = {id(p) for g in groups if g.get("moe") for p in g["params"]}
-    assert id(layer.experts.w_in) in expert_ids and id(layer.phi) not in expert_ids
+    assert id(layer.experts.w_in) in expert_ids and id(layer.router.phi) not in expert_ids
     save_experts(model, tmp_path / "experts.safetensors")
     _, other = tiny_soft_model()
     load_experts(other, tmp_path / "experts.safetensors")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmoe.model.init import init_linears_, trunc_normal_
+from vlmoe.nn.init import init_linears_, trunc_normal_
 from vlmoe.zero3 import full_shape
 
 

@@ -18,34 +18,14 @@ from torch.utils.checkpoint import checkpoint
 from smola.context import token_masks
 from vlmoe.model.config import ModelConfig
 from vlmoe.model.embeddings import MultiwayEmbeddings
-from vlmoe.model.init import init_linears_, trunc_normal_
+from vlmoe.nn.feed_forward import FeedForward
+from vlmoe.nn.init import init_linears_, trunc_normal_
 from vlmoe.zero3 import full_parameters
 
 FfnFactory = Callable[[int, str], nn.Module]
 """(block_index, modality in {"v", "t", "vl"}) -> module called as ffn(x [B, n, D], token_mask [B, n] | None)."""
 
 MODALITIES = ("v", "t", "vl")
-
-
-class FeedForward(nn.Module):
-    """fc1 -> GELU -> fc2, the dense V/T/VL-FFN."""
-
-    def __init__(self, dim: int, ffn_dim: int, dropout: float = 0.0, init_std: float = 0.02) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, ffn_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(ffn_dim, dim)
-        self.dropout = nn.Dropout(dropout)
-        init_linears_(self.fc1, self.fc2, std=init_std)
-
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B, n, D] -> [B, n, D]; token_mask is ignored (a dense FFN treats every token alike)."""
-        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
-
-    @torch.no_grad()
-    def rescale_output_(self, factor: float) -> None:
-        """Scale the output projection (BEiT depth-dependent init)."""
-        self.fc2.weight.mul_(factor)
 
 
 class DropPath(nn.Module):

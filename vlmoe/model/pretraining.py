@@ -9,7 +9,7 @@ from torch import nn
 from vlmoe.model.config import ModelConfig
 from vlmoe.model.heads import MIMHead, MLMHead
 from vlmoe.model.multiway import FfnFactory, MultiwayTransformer
-from vlmoe.model.task import task_scope
+from vlmoe.nn.task_scope import task_scope
 from vlmoe.data.masking import IGNORE_INDEX
 from vlmoe.model.objectives import prediction_accuracy, prediction_loss, pretraining_loss
 

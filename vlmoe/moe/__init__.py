@@ -10,9 +10,11 @@ from vlmoe.moe.config import MoEConfig
 from vlmoe.moe.expert_checkpoint import load_experts, save_experts
 from vlmoe.moe.layer import MoE
 from vlmoe.moe.params import parameter_report
-from vlmoe.moe.router import Routing, expert_capacity, route
-from vlmoe.moe.soft import SoftMoE, SoftWeights, soft_logits, soft_weights
+from vlmoe.moe.router import Routing, RouterOutput, TopKRouter, expert_capacity, route
+from vlmoe.moe.soft import SoftMoE
+from vlmoe.moe.soft_router import SoftRouter, SoftWeights, soft_logits, soft_weights
 
-__all__ = ["MoE", "MoEConfig", "Routing", "SoftMoE", "SoftWeights", "collect_aux_loss", "collect_metrics",
+__all__ = ["MoE", "MoEConfig", "RouterOutput", "Routing", "SoftMoE", "SoftRouter", "SoftWeights", "TopKRouter",
+           "collect_aux_loss", "collect_metrics",
            "expert_capacity", "freeze_moe", "is_moe_block", "load_experts", "losses", "moe_ffn_factory", "moe_layers",
            "parameter_report", "route", "save_experts", "soft_logits", "soft_weights"]

@@ -8,7 +8,9 @@ from torch import nn
 
 from vlmoe.moe.config import MoEConfig
 from vlmoe.moe.layer import MoE
+from vlmoe.moe.parallel import expert_parallel_group
 from vlmoe.moe.soft import SoftMoE
+from vlmoe.nn.feed_forward import FeedForward
 
 FfnFactory = Callable[[int, str], nn.Module]
 MoELayer = Union[MoE, SoftMoE]
@@ -40,13 +42,9 @@ def moe_ffn_factory(model_cfg: Any, moe_cfg: MoEConfig, dense_factory: Optional[
             raise ValueError(f"moe_ffn_factory: model config {type(model_cfg).__name__} has no field {name!r}")
     init_std = getattr(model_cfg, "init_std", 0.02)
     if dense_factory is None:
-        from vlmoe.model.multiway import FeedForward
-
         def dense_factory(index: int, modality: str) -> nn.Module:
             return FeedForward(model_cfg.dim, model_cfg.ffn_dim, getattr(model_cfg, "dropout", 0.0), init_std)
     if moe_cfg.ep_size > 1 and ep_group is None:
-        from vlmoe.moe.parallel import expert_parallel_group
-
         ep_group = expert_parallel_group(moe_cfg.ep_size)
     if ep_group is not None and torch.distributed.get_world_size(ep_group) != moe_cfg.ep_size:
         raise ValueError(f"moe_ffn_factory: ep_group has {torch.distributed.get_world_size(ep_group)} ranks, "
@@ -59,14 +57,11 @@ def moe_ffn_factory(model_cfg: Any, moe_cfg: MoEConfig, dense_factory: Optional[
             return dense_factory(block_index, modality)
         prefix = f"moe/L{block_index}/{modality}"
         if moe_cfg.type == "soft":
-            return _frozen(SoftMoE(model_cfg.dim, model_cfg.ffn_dim, moe_cfg.num_experts, moe_cfg.slots_per_expert,
-                                   ep_group=ep_group, init_std=init_std, metric_prefix=prefix), moe_cfg.freeze)
-        layer = MoE(model_cfg.dim, model_cfg.ffn_dim, moe_cfg.num_experts, k=moe_cfg.k,
-                    capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
-                    batch_priority=moe_cfg.batch_priority, min_capacity=moe_cfg.min_capacity,
-                    noise_std=moe_cfg.noise_std, aux_losses=moe_cfg.losses_for(modality),
-                    aux_weight=moe_cfg.aux_weight, z_loss_weight=moe_cfg.z_loss_weight, ep_group=ep_group,
-                    init_std=init_std, metric_prefix=prefix, backend=moe_cfg.backend)
+            layer = SoftMoE(model_cfg.dim, model_cfg.ffn_dim, moe_cfg, ep_group=ep_group, init_std=init_std,
+                            metric_prefix=prefix)
+        else:
+            layer = MoE(model_cfg.dim, model_cfg.ffn_dim, moe_cfg, modality, ep_group=ep_group, init_std=init_std,
+                        metric_prefix=prefix)
         return _frozen(layer, moe_cfg.freeze)
 
     return factory

@@ -1,4 +1,5 @@
-"""MoEConfig: the sparse MoE options of a run, checked when built."""
+"""MoEConfig: the options of a run's MoE layers (sparse or soft), checked once here; `MoE`,
+`TopKRouter` and `SoftMoE` take it as it is."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from vlmoe.moe.losses import AUX_LOSSES, NEEDS_NOISE
-from vlmoe.moe.tutel_dispatch import check_backend
+from vlmoe.moe.backends import check_backend
 
 MODALITIES = ("v", "t")
 PLACEMENTS = ("lower", "all")

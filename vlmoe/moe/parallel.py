@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 
 class _AllToAll(torch.autograd.Function):
@@ -58,13 +59,26 @@ def run_expert_parallel(buffers: torch.Tensor, experts: Callable[[torch.Tensor],
     capacities = gather_capacities(capacity, group, buffers.device)
     send = [num_local * capacity] * size  # rows for each destination rank
     recv = [num_local * c for c in capacities]  # rows from each source rank
-    received = all_to_all(buffers.reshape(num_experts * capacity, dim), send, recv, group)
+    with record_function("vlmoe.moe.all_to_all"):
+        received = all_to_all(buffers.reshape(num_experts * capacity, dim), send, recv, group)
     # From source r: [E/P, C_r, d]; the local experts take all sources side by side.
     per_source = [chunk.view(num_local, c, dim) for chunk, c in zip(received.split(recv), capacities)]
-    local_out = experts(torch.cat(per_source, dim=1))
+    with record_function("vlmoe.moe.experts"):
+        local_out = experts(torch.cat(per_source, dim=1))
     back = torch.cat([part.reshape(-1, dim) for part in local_out.split(capacities, dim=1)], dim=0)
-    returned = all_to_all(back, recv, send, group)
+    with record_function("vlmoe.moe.all_to_all"):
+        returned = all_to_all(back, recv, send, group)
     return returned.view(num_experts, capacity, dim)
+
+
+def run_experts(buffers: torch.Tensor, experts: Callable[..., torch.Tensor], group,
+                rows_used: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """buffers [E, C, d] -> [E, C, d]: the local `experts` (rows_used: [E] filled rows, a hint for
+    them), or, with an EP `group`, the experts sharded over it (`run_expert_parallel`)."""
+    if group is None:
+        with record_function("vlmoe.moe.experts"):
+            return experts(buffers, rows_used)
+    return run_expert_parallel(buffers, experts, group)
 
 
 def expert_parallel_group(ep_size: int):

@@ -29,7 +29,7 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
         full_pool = per_expert * layer.num_experts
         report["experts"] += full_pool
         soft = isinstance(layer, SoftMoE)
-        report["routers"] += layer.phi.numel() + layer.scale.numel() if soft else layer.router.weight.numel()
+        report["routers"] += sum(p.numel() for p in layer.router.parameters())
         report["total"] += full_pool
         report["applied_per_token"] += per_expert * (layer.num_experts if soft else layer.k)
         report["trainable"] += full_pool if experts.w_in.requires_grad else 0

@@ -255,7 +255,7 @@ def _attention(module: SelfAttention, x: torch.Tensor) -> Flops:
 
 
 def _router(module: MoE, args: tuple, kwargs: dict) -> Flops:
-    # The layer calls F.linear on its router's weight (in fp32), not the router module: counted here.
+    # The router's forward is F.linear on its weight (in fp32), not an nn.Linear: counted here.
     x, token_mask = args[0], _argument(args, kwargs, 1, "token_mask")
     tokens = int(token_mask.sum()) if token_mask is not None else x.numel() // module.d_model
     return linear_flops(tokens, module.d_model, module.num_experts, _needs_grad(x), _needs_grad(module.router.weight))
@@ -264,8 +264,9 @@ def _router(module: MoE, args: tuple, kwargs: dict) -> Flops:
 def _soft_router(module: SoftMoE, args: tuple, kwargs: dict) -> Flops:
     x = args[0]
     batch, tokens, dim = x.shape
-    return soft_moe_routing_flops(batch, tokens, dim, module.phi.shape[1], _needs_grad(x), _needs_grad(module.phi),
-                                  _needs_grad(module.scale), _any_needs_grad(module.experts))
+    router = module.router
+    return soft_moe_routing_flops(batch, tokens, dim, router.phi.shape[1], _needs_grad(x), _needs_grad(router.phi),
+                                  _needs_grad(router.scale), _any_needs_grad(module.experts))
 
 
 def _experts(module: Experts, args: tuple, kwargs: dict) -> Flops:

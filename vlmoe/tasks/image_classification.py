@@ -16,7 +16,7 @@ from vlmoe.data import sources
 from vlmoe.data.masking import IGNORE_INDEX
 from vlmoe.data.sources import SkipCounter, open_image
 from vlmoe.data.task_data import IMAGE, LABEL, TaskRecords, TaskSplit
-from vlmoe.model.init import init_linears_
+from vlmoe.nn.init import init_linears_
 from vlmoe.model.objectives import prediction_accuracy, prediction_loss
 from vlmoe.tasks.base import (
     DownstreamTask,

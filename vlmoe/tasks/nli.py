@@ -20,7 +20,7 @@ from vlmoe.data.masking import IGNORE_INDEX
 from vlmoe.data.sources import WORDNET_ROOT, SkipCounter
 from vlmoe.data.task_data import LABEL, TEXT, TaskRecords, TaskSplit
 from vlmoe.model.heads import Pooler
-from vlmoe.model.init import init_linears_
+from vlmoe.nn.init import init_linears_
 from vlmoe.model.objectives import prediction_accuracy, prediction_loss
 from vlmoe.tasks.base import (
     DownstreamTask,

@@ -34,7 +34,7 @@ from vlmoe.data import sources
 from vlmoe.data.sources import SkipCounter, open_image
 from vlmoe.data.task_data import IMAGE, TEXT, TEXTS, SkipRecord, TaskRecords, TaskSplit
 from vlmoe.model.heads import Pooler
-from vlmoe.model.init import init_linears_
+from vlmoe.nn.init import init_linears_
 from vlmoe.model.objectives import prediction_accuracy, prediction_loss
 from vlmoe.tasks.base import DownstreamTask, TaskInputs, TaskModel, encode_texts, pixels
 

@@ -21,7 +21,7 @@ from vlmoe.data.text_tokenizer import TextTokenizer
 from vlmoe.model.config import ModelConfig
 from vlmoe.moe import MoEConfig, freeze_moe
 from vlmoe.moe.losses import NEEDS_NOISE
-from vlmoe.moe.tutel_dispatch import tutel_installed
+from vlmoe.moe.backends import tutel_installed
 from vlmoe.train.export import MODEL_CONFIG_FILE, MODEL_DIR, load_model_weights, read_model_record
 
 
