@@ -241,7 +241,7 @@ def test_accounting_training_step_of_a_soft_moe_model_which_has_no_aux_loss():
     class SoftModel(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.moe = SoftMoE(d_model=8, d_ff=16, num_experts=2, slots_per_expert=2)
+            self.moe = SoftMoE(d_model=8, d_ff=16, config=MoEConfig(type="soft", num_experts=2, slots_per_expert=2))
 
         def forward(self, batch: dict) -> dict:
             return {"loss": self.moe(batch["x"], batch["mask"]).pow(2).mean()}
