@@ -204,6 +204,9 @@ def test_deepspeed_config_merges_file_then_mapping(tmp_path):
     assert ds["gradient_clipping"] == 0.25
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 4
     assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["fused"] is True  # torch's fused AdamW has a CPU kernel
+    no_fused = deepspeed_config(load_config("pretrain_tiny", ["deepspeed.optimizer.params.fused=false"]), world_size=1)
+    assert no_fused["optimizer"]["params"]["fused"] is False and no_fused["optimizer"]["params"]["lr"] > 0
     shipped = deepspeed_config(load_config("pretrain_tiny", ["ds_config=zero2_bf16"]), world_size=1)
     assert shipped["bf16"]["enabled"] is True and shipped["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="ds_config"):

@@ -87,7 +87,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.grad_accum * world_size,
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps,
-                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": t.weight_decay, "torch_adam": True,
+                                                  "fused": _fused_adamw_supported()}},
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -98,6 +99,15 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     if cfg.ds_config:
         ds = merge_dicts(ds, _read_ds_file(cfg.ds_config))
     return merge_dicts(ds, cfg.deepspeed)
+
+
+def _fused_adamw_supported() -> bool:
+    """torch's fused AdamW (one pass over each tensor, no temporaries) where it has a kernel for this
+    accelerator. On CPU the unfused step allocates a temporary per operation on ZeRO's flat
+    partitions, whose page faults made it a third of a sparse model's step (scripts/bench_pretrain.py)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() in ("cpu", "cuda")
 
 
 def _read_ds_file(name: str) -> dict:
