@@ -123,6 +123,31 @@ def test_routing_on_cuda_equals_cpu(k):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_routing_its_losses_and_statistics_queue_without_a_device_sync():
+    """route(), the aux terms and RoutingStats.update leave their work queued (no bincount, no
+    boolean indexing, no host copies); only the summary at a log step reads values back."""
+    from vlmoe.moe.losses import RouterTensors, aux_loss_terms
+    from vlmoe.moe.metrics import RoutingStats
+
+    torch.manual_seed(3)
+    logits = (torch.randn(200, 8) * 3).cuda()
+    noisy = logits + torch.randn_like(logits)
+    stats = RoutingStats(8)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        routing = route(noisy, 2, 40, batch_priority=True)
+        tensors = RouterTensors(logits=logits, noisy_logits=noisy, gates=logits.softmax(-1), expert=routing.expert,
+                                k=2, noise_std=1.0)
+        terms = aux_loss_terms(("importance", "load", "vloss", "switch"), tensors, z_loss_weight=0.001)
+        stats.update(routing, "mim", terms)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.summary("moe")["moe/dropped/mim"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_moe_layer_on_cuda_equals_cpu_fp32():
     x, mask = moe_inputs()
     want = run_moe(moe_layer(), x, mask, "cpu")

@@ -113,3 +113,13 @@ def test_dispatch_and_combine_place_rows_by_slot():
     assert buffers[:, 3:].abs().sum() == 0
     out = combine(buffers * 10, plan, r.weight)
     assert torch.allclose(out[:, 0], torch.tensor([10 * (0.5 + 0.3), 20 * (0.6 + 0.3), 30 * 0.7]))
+
+
+def test_expert_counts_match_bincount_and_weight_the_entries():
+    from vlmoe.moe.counts import expert_counts
+
+    expert = torch.tensor([[2, 0], [2, 3]])
+    assert expert_counts(expert, 5).tolist() == [1, 0, 2, 1, 0]  # experts 1 and 4 unused: zeros, as minlength
+    dropped = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert expert_counts(expert, 5, weight=dropped).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert expert_counts(torch.empty(0, dtype=torch.long), 3).tolist() == [0, 0, 0]

@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 import torch
 
+from vlmoe.moe.counts import expert_counts
+
 
 def _cv_squared(values: torch.Tensor) -> torch.Tensor:
     """(std / mean)^2 over the last dim, population variance (no undefined std gradient at 0)."""
@@ -51,7 +53,7 @@ def switch_loss(gates: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor
     """
     num_experts = gates.shape[-1]
     top1 = expert_index if expert_index.dim() == 1 else expert_index[:, 0]
-    fraction = torch.bincount(top1, minlength=num_experts).to(gates.dtype) / top1.numel()
+    fraction = expert_counts(top1, num_experts).to(gates.dtype) / top1.numel()
     return num_experts * torch.sum(fraction * gates.mean(dim=0))
 
 

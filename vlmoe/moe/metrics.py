@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from vlmoe.moe.counts import expert_counts
 from vlmoe.moe.router import Routing
 
 
@@ -24,14 +25,14 @@ class RoutingStats:
         self.reset()
 
     def reset(self) -> None:
-        self._tokens: Optional[torch.Tensor] = None
+        self._tokens = 0
         self._dropped: Optional[torch.Tensor] = None
         self._load: Optional[torch.Tensor] = None
         self._entropy: Optional[torch.Tensor] = None
         self._capacity = 0
         self._calls = 0
         self._task_dropped: dict[str, torch.Tensor] = {}
-        self._task_tokens: dict[str, torch.Tensor] = {}
+        self._task_tokens: dict[str, int] = {}
         self._task_expert_routed: dict[str, torch.Tensor] = {}
         self._task_expert_dropped: dict[str, torch.Tensor] = {}
         self._aux: dict[str, torch.Tensor] = {}
@@ -49,12 +50,12 @@ class RoutingStats:
     @torch.no_grad()
     def update(self, routing: Routing, task: Optional[str], aux_terms: dict[str, torch.Tensor]) -> None:
         """Add one call's routing ([S, k] tensors) and its aux terms."""
-        num_tokens = torch.tensor(float(routing.expert.shape[0]), device=routing.expert.device)
+        num_tokens = routing.expert.shape[0]  # a shape: counted on the host, no device copy
         dropped = (~routing.kept.any(dim=1)).sum().float()
-        load = torch.bincount(routing.expert.reshape(-1), minlength=self.num_experts).float()
+        load = expert_counts(routing.expert, self.num_experts).float()
         gates = routing.gates
         entropy = -(gates * torch.log(gates.clamp_min(1e-30))).sum()
-        self._tokens = self._add(self._tokens, num_tokens)
+        self._tokens += num_tokens
         self._dropped = self._add(self._dropped, dropped)
         self._load = self._add(self._load, load)
         self._entropy = self._add(self._entropy, entropy)
@@ -62,8 +63,8 @@ class RoutingStats:
         self._calls += 1
         if task is not None:
             self._task_dropped[task] = self._add(self._task_dropped.get(task), dropped)
-            self._task_tokens[task] = self._add(self._task_tokens.get(task), num_tokens)
-            dropped_per_expert = torch.bincount(routing.expert[~routing.kept], minlength=self.num_experts).float()
+            self._task_tokens[task] = self._task_tokens.get(task, 0) + num_tokens
+            dropped_per_expert = expert_counts(routing.expert, self.num_experts, weight=(~routing.kept).float())
             self._task_expert_routed[task] = self._add(self._task_expert_routed.get(task), load)
             self._task_expert_dropped[task] = self._add(self._task_expert_dropped.get(task), dropped_per_expert)
         if aux_terms:
@@ -74,7 +75,7 @@ class RoutingStats:
     def summary(self, prefix: str) -> dict[str, float]:
         """Flat metrics named "<prefix>/<name>" since the last summary (empty if no calls); resets."""
         out: dict[str, float] = {}
-        if self._calls and self._tokens is not None and float(self._tokens) > 0:
+        if self._calls and self._tokens > 0:
             tokens = float(self._tokens)
             out[f"{prefix}/dropped"] = float(self._dropped) / tokens
             out[f"{prefix}/entropy"] = float(self._entropy) / tokens
@@ -83,7 +84,7 @@ class RoutingStats:
             for expert, value in enumerate(load.tolist()):
                 out[f"{prefix}/load/{expert}"] = value
             for task, dropped in self._task_dropped.items():
-                task_tokens = float(self._task_tokens[task])
+                task_tokens = self._task_tokens[task]
                 if task_tokens > 0:
                     out[f"{prefix}/dropped/{task}"] = float(dropped) / task_tokens
                 routed = self._task_expert_routed[task]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.moe.config import MoEConfig
+from vlmoe.moe.counts import expert_counts
 from vlmoe.moe.losses import RouterTensors, aux_loss_terms, weighted_aux_loss
 from vlmoe.nn.init import trunc_normal_
 
@@ -87,7 +88,7 @@ def _position_within_expert(expert_sequence: torch.Tensor, num_experts: int) -> 
     # A stable sort groups entries by expert while keeping their order; the rank within a group
     # is then the sorted position minus the group's start.
     by_expert = torch.sort(expert_sequence, stable=True).indices
-    counts = torch.bincount(expert_sequence, minlength=num_experts)
+    counts = expert_counts(expert_sequence, num_experts)
     group_start = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(n, device=expert_sequence.device) - group_start[expert_sequence[by_expert]]
     position = torch.empty_like(expert_sequence)
