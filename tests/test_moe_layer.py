@@ -117,19 +117,24 @@ def test_expert_weight_gradients_reuse_memory_only_when_nobody_holds_it():
     first_grad = pool.w_in.grad
     held = first_grad.clone()
     pool(inputs[1]).square().sum().backward()  # .grad still held: accumulate, never overwrite it
+    pooled = {b.data_ptr() for b in pool.grad_buffers._pools["w_in"]}
+    assert len(pooled) == 2  # the second backward's gradient took a second buffer, kept for the next step
     torch.testing.assert_close(pool.w_in.grad, expected_grad(inputs[0]) + expected_grad(inputs[1]))
     assert pool.w_in.grad is first_grad
     kept = pool.w_in.grad
     pool.zero_grad(set_to_none=True)
-    pool(inputs[2]).square().sum().backward()  # `kept` still refers to the old memory: a fresh block
+    pool(inputs[2]).square().sum().backward()  # `kept` still refers to the first memory: not that one
     torch.testing.assert_close(kept, held + expected_grad(inputs[1]))
     torch.testing.assert_close(pool.w_in.grad, expected_grad(inputs[2]))
     del kept, first_grad
-    reused = pool.w_in.grad.data_ptr()
+    pooled = {b.data_ptr() for b in pool.grad_buffers._pools["w_in"]}
+    assert pool.w_in.grad.data_ptr() in pooled and len(pooled) == 2  # the second buffer was free again
     pool.zero_grad(set_to_none=True)
-    pool(inputs[0]).square().sum().backward()  # nobody holds it now: the same memory again
-    assert pool.w_in.grad.data_ptr() == reused
-    torch.testing.assert_close(pool.w_in.grad, expected_grad(inputs[0]))
+    pool(inputs[0]).square().sum().backward()  # nobody holds them now: pooled memory again
+    pool(inputs[1]).square().sum().backward()  # a second call in the same step: the pool's too
+    assert pool.w_in.grad.data_ptr() in pooled
+    assert {b.data_ptr() for b in pool.grad_buffers._pools["w_in"]} == pooled  # nothing new allocated
+    torch.testing.assert_close(pool.w_in.grad, expected_grad(inputs[0]) + expected_grad(inputs[1]))
 
 
 def test_padding_takes_no_capacity_and_gets_zero_output():

@@ -20,18 +20,29 @@ def _unshared(tensor: torch.Tensor) -> bool:
 
 
 class GradientBuffers:
-    """Named gradient buffers: `take(name, like)` gives memory shaped like `like` to write into."""
+    """Named pools of gradient buffers: `take(name, like)` gives memory shaped like `like` to write into.
+
+    A name keeps every buffer it has handed out, so a layer called more than once per step (once
+    per pretraining objective) gets a second one for its second backward while the first is
+    `.grad` (autograd adds the second into it and drops it), and finds both free again next step.
+    A pool keeps at most `POOL_SIZE` buffers (one per pretraining objective); past that, memory
+    that is still held elsewhere is replaced by fresh blocks that are not kept.
+    """
+
+    POOL_SIZE = 3
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._pools: dict[str, list[torch.Tensor]] = {}
 
     def take(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor like `like`, on reused memory where that is safe."""
         if like.device.type != "cpu":
             return torch.empty_like(like)
-        buffer = self._buffers.get(name)
-        if (buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype
-                or not _unshared(buffer)):
+        pool = [b for b in self._pools.get(name, []) if b.shape == like.shape and b.dtype == like.dtype]
+        buffer = next((b for b in pool if _unshared(b)), None)
+        if buffer is None:
             buffer = torch.empty_like(like, memory_format=torch.contiguous_format)
-            self._buffers[name] = buffer
+            if len(pool) < self.POOL_SIZE:
+                pool.append(buffer)
+        self._pools[name] = pool
         return buffer.view_as(buffer)  # a new tensor on the same memory, for autograd to adopt
