@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import smola
+from vlmoe.study.flops import counted_flops
 from bench_device import add_device_option, bench_device  # scripts/, beside this file
 
 
@@ -162,13 +163,18 @@ def bench_backbone(args: argparse.Namespace) -> None:
         for _ in range(args.e2e_reps):
             for name, model in runs.items():
                 times[name].append(timed(lambda m=model: m(pixels, text), device))
+        # the floor: every matmul-like kernel of one forward, counted (the routing GEMMs included)
+        flops = {name: counted_flops(lambda m=model: m(pixels, text)) for name, model in runs.items()}
     base_ms = statistics.median(times["frozen"]) * 1e3
     smola_ms = statistics.median(times["smola_O 48"]) * 1e3
+    overhead, floor = smola_ms / base_ms - 1, flops["smola_O 48"] / flops["frozen"] - 1
     report = smola.trainable_parameters(adapted)
     print(f"\nBASE multiway backbone, pairs [{args.e2e_batch} x (197 image + {args.e2e_text} text) tokens], forward, "
           f"median of {args.e2e_reps} interleaved rounds")
-    print(f"frozen {base_ms:.0f} ms, SMoLA_O 48 {smola_ms:.0f} ms: overhead {100 * (smola_ms / base_ms - 1):.1f}% "
+    print(f"frozen {base_ms:.0f} ms, SMoLA_O 48 {smola_ms:.0f} ms: overhead {100 * overhead:.1f}% "
           f"({report})")
+    print(f"FLOP floor of that overhead: {100 * floor:.1f}% ({flops['frozen'] / 1e9:.1f} -> "
+          f"{flops['smola_O 48'] / 1e9:.1f} GFLOPs per forward); measured / floor {overhead / floor:.2f}")
 
 
 def main() -> None:
