@@ -15,8 +15,8 @@ breakdown of one sparse configuration's step (torch.profiler, rank 0).
 likewise for Soft MoE ('' = none), with --soft-slots slots per expert and example (0: about one
 slot per image token, (patches + 1) / E). The shape defaults to SMALL's backbone (dim 384, FFN 1536,
 depth 8, 6 heads) at 64-pixel images of 8-pixel patches and 32-token texts, MoE in the V- and T-FFNs
-of every second block (placement "all"), fp32, ZeRO stage 1: a shape where the FFN GEMMs dominate the
-dense step. On 2 CPU cores a dense step of the default batch takes ~10 s, hence the few steps.
+of every second block (placement "all"), fp32, ZeRO stage 1 (--zero-stage): a shape where the FFN GEMMs
+dominate the dense step. On 2 CPU cores a dense step of the default batch takes ~10 s, hence the few steps.
 
 Memory (CPU): every engine of a launch lives until its end (DeepSpeed's gradient hooks keep an
 engine alive), so `python scripts/bench_pretrain.py` splits the configurations into launches whose
@@ -126,6 +126,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks on this node)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=1,
+                   help="ZeRO stage of every engine (the sparse pretraining config's is 1)")
     p.add_argument("--memory-check", choices=("skip", "off"), default="skip",
                    help="split the configurations into launches that fit in memory, skip what fits in none "
                         "(off: all in one launch)")
@@ -243,10 +245,10 @@ def soft_slots(args: argparse.Namespace, model_cfg, experts: int) -> int:
 
 
 def run_config_for(variant: Variant, args: argparse.Namespace, model_cfg):
-    """The RunConfig the trainer would hold for this model: fp32, ZeRO-1, the MoE section."""
+    """The RunConfig the trainer would hold for this model: fp32, --zero-stage, the MoE section."""
     from vlmoe.config import ModelSection, RunConfig, TrainConfig
 
-    train = TrainConfig(precision="fp32", zero_stage=1, shm_comm=False, progress_bar=False,
+    train = TrainConfig(precision="fp32", zero_stage=args.zero_stage, shm_comm=False, progress_bar=False,
                         log_every=max(1, args.log_every))
     return RunConfig(seed=args.seed, model=ModelSection(preset="small", overrides={}), train=train,
                      moe=moe_config_for(variant, args, model_cfg))
@@ -709,7 +711,7 @@ def main() -> None:
               f"heads {c.heads}, image {c.image_size}/{c.patch_size} ({c.num_patches} patches), "
               f"text <= {c.max_text_len}, "
               f"vocab {c.vocab_size}, codebook {c.codebook_size}; per rank {args.image_batch} images + "
-              f"{args.text_batch} texts + {args.pair_batch} pairs; fp32, ZeRO-1, MoE every 2nd V/T-FFN (placement all)"
+              f"{args.text_batch} texts + {args.pair_batch} pairs; fp32, ZeRO-{args.zero_stage}, MoE every 2nd V/T-FFN (placement all)"
               f", top-1 cf {args.capacity_factor}", flush=True)
         for note in notes:
             print(f"  {note}", flush=True)
