@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import logging
 import math
 import os
@@ -290,9 +289,11 @@ def build_model(variant: Variant, args: argparse.Namespace, model_cfg, info) -> 
 # ------------------------------------------------------------------------------- the step
 
 def seed_step(seed: int, step: int, rank: int) -> None:
-    """Randomness (router noise, stochastic depth) by (seed, step, rank): the same in every model."""
-    digest = hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()
-    torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    """Randomness (router noise, stochastic depth) by (seed, step, rank), as the trainer seeds its
+    single micro-step: the same in every model."""
+    from vlmoe.train.trainer import _seed_step
+
+    _seed_step(seed, step, 0, rank)
 
 
 def synchronize(device: torch.device) -> None:
@@ -689,6 +690,7 @@ def main() -> None:
     from vlmoe.train.distributed import all_reduce_mean, init_distributed, shutdown_distributed
     from vlmoe.train.logs import show_warnings_once
     from vlmoe.train.pretrain import count_tokens
+    from vlmoe.train.trainer import _max_over_ranks, peak_memory_mb
 
     info = init_distributed(600, shm_comm=False)
     if torch.device(args.device).type != info.device.type:
@@ -729,7 +731,7 @@ def main() -> None:
             print(f"  built {v.name}", flush=True)
     gc.collect()
     measure(models, batches, args, info)
-    peak = _max_over_ranks(peak_memory_gib(info.device), info.device)
+    peak = _max_over_ranks(peak_memory_mb(info.device) / 1024, info.device)
     if info.is_main:
         report([models], tokens, args)
         print(f"  peak memory per rank: {peak:.1f} GiB", flush=True)
@@ -743,18 +745,6 @@ def main() -> None:
         target = next(m for m in models if m.variant == profiled)
         profile(target, batches, args, info, args.warmup + args.steps)
     shutdown_distributed()
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    from vlmoe.train.trainer import peak_memory_mb
-
-    return peak_memory_mb(device) / 1024
-
-
-def _max_over_ranks(value: float, device: torch.device) -> float:
-    from vlmoe.train.trainer import _max_over_ranks as max_over_ranks
-
-    return max_over_ranks(value, device)
 
 
 if __name__ == "__main__":
