@@ -44,5 +44,5 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "peft"],  # peft: adapters load with PEFT itself
     },
-    entry_points={"console_scripts": ["vlmoe=vlmoe.cli:main"]},
+    entry_points={"console_scripts": ["vlmoe=vlmoe.__main__:run"]},
 )

@@ -56,6 +56,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from vlmoe.allocator import active_allocator, use_tcmalloc
+
+if __name__ == "__main__":  # before torch loads: measure on the allocator `vlmoe` runs on (vlmoe/allocator.py)
+    use_tcmalloc()
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_device, beside this file
@@ -708,7 +713,8 @@ def main() -> None:
         profiled = None
     if info.is_main:
         c = model_cfg
-        where = f"{threads} thread(s) per rank" if info.device.type == "cpu" else str(info.device)
+        where = (f"{threads} thread(s) per rank, {active_allocator()}" if info.device.type == "cpu"
+                 else str(info.device))
         print(f"bench_pretrain: {info.world_size} ranks ({where}), dim {c.dim}, ffn {c.ffn_dim}, depth {c.depth}, "
               f"heads {c.heads}, image {c.image_size}/{c.patch_size} ({c.num_patches} patches), "
               f"text <= {c.max_text_len}, "

@@ -19,6 +19,11 @@ import statistics
 import time
 from typing import Callable
 
+from vlmoe.allocator import active_allocator, use_tcmalloc
+
+if __name__ == "__main__":  # before torch loads: measure on the allocator `vlmoe` runs on (vlmoe/allocator.py)
+    use_tcmalloc()
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,7 +79,7 @@ def where(device: torch.device) -> str:
     """What the timings ran on, for the headers."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{torch.get_num_threads()} threads"
+    return f"{torch.get_num_threads()} threads, {active_allocator()}"
 
 
 def forward_only(module: Callable, x: torch.Tensor) -> Callable[[], object]:

@@ -20,7 +20,9 @@ if [ -n "$CONSTRAINTS" ] && [ ! -f "$CONSTRAINTS" ]; then
   echo "setup: VLMOE_CONSTRAINTS=$CONSTRAINTS: no such file (VLMOE_CONSTRAINTS= installs without constraints)" >&2
   exit 2
 fi
-APT_PACKAGES="tuxpaint-stamps-default fonts-noto-color-emoji unicode-data dataset-fashion-mnist wordnet-base"
+# the first five carry the embedded real data; tcmalloc is the allocator CPU runs use (vlmoe/allocator.py)
+APT_PACKAGES="tuxpaint-stamps-default fonts-noto-color-emoji unicode-data dataset-fashion-mnist wordnet-base
+  libtcmalloc-minimal4"
 
 missing=()
 for pkg in $APT_PACKAGES; do

@@ -42,7 +42,9 @@ def test_other_ranks_drop_known_library_warnings_only(fresh_display, capsys):
 
 
 def test_header_and_summary_lines():
-    assert logs.run_header("pretrain", "runs/x", "pretrain_tiny train.steps=9", 2, 1, 2, "bf16", 0, 9) == (
-        "pretrain (pretrain_tiny train.steps=9) -> runs/x: world size 2, ZeRO stage 1, EP size 2, precision bf16, 9 steps")
-    assert logs.run_header("finetune", "runs/y", "", 4, 3, 1, "fp32", 600, 900).endswith("precision fp32, steps 600 -> 900")
+    assert logs.run_header("pretrain", "runs/x", "pretrain_tiny train.steps=9", 2, 1, 2, "bf16", 0, 9, "tcmalloc") == (
+        "pretrain (pretrain_tiny train.steps=9) -> runs/x: world size 2, ZeRO stage 1, EP size 2, precision bf16, 9 steps, "
+        "tcmalloc")
+    assert logs.run_header("finetune", "runs/y", "", 4, 3, 1, "fp32", 600, 900, "system malloc").endswith(
+        "precision fp32, steps 600 -> 900, system malloc")
     assert logs.run_summary(600, 900, 12.5, 50_000) == "done: step 900 (300 steps in 12.5 s, 4,000 tokens/s)"

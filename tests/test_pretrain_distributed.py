@@ -13,6 +13,7 @@ import pytest
 
 from conftest import (REPO, TEST_OVERRIDES, deepspeed_cmd, free_port, launch_env, rank_pid, run, torchrun_cmd,
                       wait_for_commit)
+from vlmoe.allocator import find_tcmalloc, plan_allocator
 from vlmoe.train.checkpoint import committed_tag, tag_for
 from vlmoe.train.metrics import read_metrics
 
@@ -41,8 +42,11 @@ def reference(prepared_data, tmp_path_factory) -> Path:
 def test_the_log_names_the_run_and_shows_each_warning_once(reference):
     lines = (reference.parent / "launch.log").read_text().splitlines()
     header = [line for line in lines if line.startswith("pretrain (pretrain_tiny ")]
+    # the ranks run on tcmalloc wherever it is installed (vlmoe/allocator.py; scripts/setup_env.sh installs it)
+    plan = plan_allocator(launch_env(), find_tcmalloc(), os.path.exists("/dev/nvidiactl"))
+    allocator = "tcmalloc" if plan.library or "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
     assert len(header) == 1 and header[0].endswith(f"-> {reference}: world size 2, ZeRO stage 1, EP size 1, "
-                                                   f"precision fp32, {STEPS} steps"), header
+                                                   f"precision fp32, {STEPS} steps, {allocator}"), header
     summary = [line for line in lines if line.startswith("done: ")]
     assert len(summary) == 1 and re.fullmatch(rf"done: step {STEPS} \({STEPS} steps in [\d.]+ s, [\d,]+ tokens/s\)",
                                               summary[0]), summary

@@ -41,12 +41,12 @@ def show_warnings_once(is_main: bool) -> None:
 
 
 def run_header(command: str, run_dir: str, origin: str, world_size: int, zero_stage: int, ep_size: int,
-               precision: str, start_step: int, steps: int) -> str:
+               precision: str, start_step: int, steps: int, allocator: str) -> str:
     """One line naming what runs, where, and how (printed by rank 0 before the first step)."""
     span = f"steps {start_step} -> {steps}" if start_step else f"{steps} steps"
     source = f" ({origin})" if origin else ""
     return (f"{command}{source} -> {run_dir}: world size {world_size}, ZeRO stage {zero_stage}, EP size {ep_size}, "
-            f"precision {precision}, {span}")
+            f"precision {precision}, {span}, {allocator}")
 
 
 def run_summary(start_step: int, steps: int, seconds: float, tokens: float) -> str:

@@ -22,6 +22,7 @@ import torch
 from vlmoe.config import ConfigError, RunConfig, merge_dicts
 from vlmoe.data.loader import StepBatches, iterate, to_device
 from vlmoe.moe import moe_layers
+from vlmoe.allocator import active_allocator
 from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
 from vlmoe.train import checkpoint
 from vlmoe.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
@@ -325,7 +326,7 @@ def run(cfg: RunConfig, build_task: Callable[[RunConfig, DistInfo, dict], Task],
     if info.is_main:
         print(run_header(command, cfg.run_dir, origin, info.world_size, setup.zero_stage, _ep_size(cfg),
                          "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
-                         start_step, t.steps), flush=True)
+                         start_step, t.steps, active_allocator()), flush=True)
     main_key = f"val/{task.main_metric}"
     best = (checkpoint.best_state(ckpt_dir) or {}).get("val", {}).get(main_key)
 
