@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from vlmoe import allocator
 from vlmoe.allocator import AllocatorError, find_tcmalloc, plan_allocator
 
 LIB = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -85,3 +86,9 @@ def test_importing_a_benchmark_runs_nothing_again():
                           env={**environ, "VLMOE_ALLOCATOR": "tcmalloc" if find_tcmalloc() else "auto"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "''"
+
+
+def test_the_command_line_without_orig_argv_is_read_from_proc(monkeypatch):
+    started = list(sys.orig_argv)
+    monkeypatch.delattr(sys, "orig_argv")  # Python 3.9 has none
+    assert allocator._command_line() == started

@@ -105,7 +105,15 @@ def use_tcmalloc() -> None:
     os.environ.setdefault(_REPORT_THRESHOLD, str(1 << 40))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    os.execv(sys.executable, [sys.executable, *_command_line()[1:]])
+
+
+def _command_line() -> list[str]:
+    """This process's command line as started, interpreter options included (-u, -m module, -c code)."""
+    if hasattr(sys, "orig_argv"):
+        return list(sys.orig_argv)
+    with open("/proc/self/cmdline", "rb") as cmdline:  # Python 3.9 (preloading is Linux-only)
+        return [os.fsdecode(arg) for arg in cmdline.read().split(b"\0")[:-1]]
 
 
 def active_allocator() -> str:
