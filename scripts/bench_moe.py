@@ -187,7 +187,8 @@ def main() -> None:
         steps[f"tutel E={args.experts}"] = tutel
         steps[f"ours+tutel E={args.experts}"] = _ours(args.d, args.d_ff, args.experts, args.cf, device,
                                                       backend="tutel")
-    where = f"{args.threads} threads, {active_allocator()}" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+    where = (f"{args.threads} threads, {active_allocator()}" if device.type == "cpu"
+             else f"{device} ({torch.cuda.get_device_name(device)})")
     print(f"S={args.tokens} d={args.d} d_ff={args.d_ff} cf={args.cf} top-1, fwd+bwd, {where}, "
           f"median of {args.rounds} interleaved rounds{'' if tutel else ' (tutel not installed)'}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")

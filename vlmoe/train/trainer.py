@@ -19,10 +19,10 @@ from typing import Callable, Optional
 
 import torch
 
+from vlmoe.allocator import active_allocator
 from vlmoe.config import ConfigError, RunConfig, merge_dicts
 from vlmoe.data.loader import StepBatches, iterate, to_device
 from vlmoe.moe import moe_layers
-from vlmoe.allocator import active_allocator
 from vlmoe.moe.deepspeed_bridge import moe_param_groups, prepare_for_deepspeed
 from vlmoe.train import checkpoint
 from vlmoe.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
