@@ -45,7 +45,6 @@ class AllocatorError(RuntimeError):
 class AllocatorPlan:
     """What to do before torch loads: preload `library` (None: keep the running allocator)."""
     library: Optional[str]
-    reason: str
 
 
 def find_tcmalloc(library_dirs: Sequence[str] = ()) -> Optional[str]:
@@ -73,23 +72,20 @@ def plan_allocator(environ: Mapping[str, str], tcmalloc: Optional[str], has_nvid
     choice = environ.get(ENV_CHOICE, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise AllocatorError(f"{ENV_CHOICE}={environ[ENV_CHOICE]!r}: expected one of {', '.join(CHOICES)}")
-    preloaded = _preloaded_allocator(environ)
-    if preloaded:
-        return AllocatorPlan(None, f"LD_PRELOAD already has {preloaded}")
-    if choice == "system":
-        return AllocatorPlan(None, f"{ENV_CHOICE}=system")
+    if _preloaded_allocator(environ) or choice == "system":  # the user's allocator stands
+        return AllocatorPlan(None)
     if not platform.startswith("linux"):
         if choice == "tcmalloc":
             raise AllocatorError(f"{ENV_CHOICE}=tcmalloc: preloading is supported on Linux only, not {platform}")
-        return AllocatorPlan(None, f"no preloading on {platform}")
+        return AllocatorPlan(None)
     if tcmalloc is None:
         if choice == "tcmalloc":
             raise AllocatorError(f"{ENV_CHOICE}=tcmalloc but no tcmalloc library is installed "
                                  "(apt-get install libtcmalloc-minimal4)")
-        return AllocatorPlan(None, "tcmalloc not installed (apt-get install libtcmalloc-minimal4)")
-    if choice == "auto" and has_nvidia_gpu:
-        return AllocatorPlan(None, f"NVIDIA GPU present ({ENV_CHOICE}=tcmalloc to preload anyway)")
-    return AllocatorPlan(tcmalloc, f"{ENV_CHOICE}={choice}")
+        return AllocatorPlan(None)  # not installed: the run goes on, on the system malloc
+    if choice == "auto" and has_nvidia_gpu:  # VLMOE_ALLOCATOR=tcmalloc preloads it there too
+        return AllocatorPlan(None)
+    return AllocatorPlan(tcmalloc)
 
 
 def use_tcmalloc() -> None:
