@@ -70,6 +70,25 @@ def _ours(d: int, d_ff: int, experts: int, cf: float, device: torch.device, back
     return Step(layer, lambda x: layer(x).float().sum() + layer.pop_aux_loss(), device)
 
 
+def _ours_groups(d: int, d_ff: int, experts: int, cf: float, groups: int, one_call: bool,
+                 device: torch.device) -> Step:
+    """Our layer on the tokens split into `groups` routing groups (a pretraining step's objectives):
+    one call per group, or all in one `forward_groups` call (each still routed alone; the experts
+    run once on all groups' rows, as the backbone runs them)."""
+    config = MoEConfig(num_experts=experts, k=1, capacity_factor=cf, batch_priority=True)
+    layer = MoE(d, d_ff, config, modality="v").train()
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        parts = list(x.chunk(groups))
+        if one_call:
+            outs = layer.forward_groups(parts, [None] * groups, [None] * groups)
+        else:
+            outs = [layer(part) for part in parts]
+        layer.pop_metrics()
+        return sum(out.float().sum() for out in outs) + layer.pop_aux_loss()
+    return Step(layer, loss, device)
+
+
 def _experts_only(d: int, d_ff: int, experts: int, cf: float, tokens: int, device: torch.device) -> Step:
     """Our experts alone on full [E, C, d] buffers: the batched expert GEMMs that any top-1
     layer of this size runs, without routing, dispatch or combine (the floor over E)."""
@@ -166,6 +185,8 @@ def main() -> None:
                         help="tokens per example for the Soft MoE row (each example is one routing group)")
     parser.add_argument("--soft-slots", type=int, default=0,
                         help="Soft MoE slots per expert (0 = soft-group / experts: as many slots as tokens)")
+    parser.add_argument("--groups", type=int, default=3,
+                        help="routing groups for the one-call-vs-one-call-each comparison (0 = skip)")
     add_device_option(parser)
     args = parser.parse_args()
     device = bench_device(parser, args.device)
@@ -213,6 +234,14 @@ def main() -> None:
         print("sweep over the number of experts (the weights to read and their gradients to write grow with E;\n"
               "'experts only' is the batched expert GEMMs alone, the part of any layer that grows with E)")
         _report(_measure(steps, x, args.rounds))
+    if args.groups > 1:
+        steps = {"dense": steps["dense"]}
+        for one_call in (False, True):
+            name = f"ours E={args.experts} {args.groups} groups, {'one call' if one_call else 'a call each'}"
+            steps[name] = _ours_groups(args.d, args.d_ff, args.experts, args.cf, args.groups, one_call, device)
+        print(f"{args.groups} routing groups of {args.tokens // args.groups} tokens (a step's objectives): a layer call "
+              f"each, or one call whose experts run once on all groups' rows")
+        _report(_measure(steps, x, args.rounds))
 
 
 def _measure(steps: dict[str, Step], x: torch.Tensor, rounds: int) -> dict[str, list[float]]:
@@ -229,7 +258,7 @@ def _report(times: dict[str, list[float]]) -> None:
     dense = statistics.median(times["dense"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"  {name:20s} {median * 1000:9.1f} ms   {median / dense:5.2f}x dense")
+        print(f"  {name:34s} {median * 1000:9.1f} ms   {median / dense:5.2f}x dense")
 
 
 if __name__ == "__main__":

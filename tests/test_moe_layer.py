@@ -191,6 +191,44 @@ def test_training_noise_aux_loss_and_task_metrics():
     assert torch.equal(layer(x), layer(x))
 
 
+def test_groups_in_one_call_route_alone_and_match_separate_calls():
+    # the backbone sends a step's objectives through one call: each must still be its own routing
+    # group (capacity, priority, aux terms, per-task metrics) and get what a call of its own gives
+    cfg = MoEConfig(num_experts=4, capacity_factor=1.0, min_capacity=0, aux_losses={"v": ["vloss", "switch"]},
+                    z_loss_weight=0.001)
+    torch.manual_seed(4)
+    layer = MoE(8, 16, cfg, metric_prefix="m").train()
+    xs = [torch.randn(3, 7, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)]
+    masks = [None, torch.tensor([[True] * 5, [True, True, False, False, False]])]
+    upstream = [torch.randn(x.shape) for x in xs]
+    params = [xs[0], xs[1], layer.router.weight, layer.experts.w_in, layer.experts.w_out]
+
+    def run(together: bool):
+        torch.manual_seed(5)  # the same router noise: each group draws its own, in group order
+        if together:
+            outs = layer.forward_groups(xs, masks, ["mim", "vlm"])
+        else:
+            outs = []
+            for x, mask, task in zip(xs, masks, ["mim", "vlm"]):
+                with task_scope(task):
+                    outs.append(layer(x, mask))
+        aux = layer.pop_aux_loss()
+        loss = sum((out * g).sum() for out, g in zip(outs, upstream)) + aux
+        return outs, aux, torch.autograd.grad(loss, params), layer.pop_metrics()
+
+    separate, together = run(False), run(True)
+    for a, b in zip(separate[0], together[0]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(together[1], separate[1])
+    for a, b in zip(separate[2], together[2]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert together[3] == pytest.approx(separate[3])
+    assert together[3]["m/capacity"] == (math.ceil(21 / 4) + math.ceil(7 / 4)) / 2  # each group's own, per call
+    assert {"m/dropped/mim", "m/dropped/vlm"} <= set(together[3])
+    with pytest.raises(ValueError, match="2 inputs, 1 token masks and 2 tasks"):
+        layer.forward_groups(xs, masks[:1], ["mim", "vlm"])
+
+
 def test_eval_uses_eval_capacity_factor():
     layer = MoE(4, 8, MoEConfig(num_experts=2, capacity_factor=2.0, eval_capacity_factor=0.5, min_capacity=0))
     layer.train()(torch.randn(8, 4))
@@ -296,6 +334,51 @@ def test_pretraining_model_collects_aux_loss_and_per_task_metrics():
     assert not any(name.endswith("/aux/switch") for name in metrics)
     assert "moe/L1/v/dropped/mlm" not in metrics  # no image tokens in the text-only task
     assert collect_metrics(model) == {} and collect_aux_loss(model) is None
+
+
+@pytest.mark.parametrize("kind", ["sparse", "soft"])
+def test_objectives_share_each_expert_call_and_match_separate_backbone_passes(kind):
+    # pretraining sends the objectives through the backbone together: the experts of every MoE
+    # layer run once per step (once per objective before), with the same outputs and gradients
+    from vlmoe.model.multiway import EncoderInput
+
+    torch.manual_seed(0)
+    # no router noise: the order of the routers' calls differs between the two ways
+    cfg, model = tiny_model(type=kind, noise_std=0.0, aux_losses={"v": ["switch"], "t": ["switch"]})
+    batch = _batch(cfg)
+    text, image, pair = batch["text"], batch["image"], batch["pair"]
+    inputs = [EncoderInput(text_ids=text["ids"], text_pad_mask=text["pad_mask"], task="mlm"),
+              EncoderInput(pixels=image["pixels"], image_mask=image["mim_mask"], task="mim"),
+              EncoderInput(pixels=pair["pixels"], text_ids=pair["ids"], text_pad_mask=pair["pad_mask"],
+                           image_mask=pair["mim_mask"], task="vlm")]
+    expert_calls = []
+    for layer in moe_layers(model):
+        layer.experts.register_forward_hook(lambda module, args, out: expert_calls.append(module))
+    backbone, params = model.backbone, [p for p in model.parameters() if p.requires_grad]
+
+    def run(together: bool):
+        expert_calls.clear()
+        if together:
+            hidden = [o.hidden for o in backbone.forward_many(inputs)]
+        else:
+            hidden = []
+            for given in inputs:
+                with task_scope(given.task):
+                    hidden.append(backbone(given.pixels, given.text_ids, given.text_pad_mask, given.image_mask).hidden)
+        loss = sum(h.square().mean() for h in hidden) + (collect_aux_loss(model) or 0)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return hidden, grads, collect_metrics(model), len(expert_calls)
+
+    separate, together = run(False), run(True)
+    for a, b in zip(separate[0], together[0]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(separate[1], together[1]):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert together[2] == pytest.approx(separate[2], rel=1e-5)
+    # MoE V and T in blocks 1 and 3: in block 1 two objectives reach each (images or texts, and
+    # pairs), in block 3 one (pairs take the dense VL-FFN there)
+    assert (separate[3], together[3]) == (2 + 2 + 1 + 1, 4)
 
 
 def test_evaluation_neither_takes_nor_adds_to_the_training_routing_statistics():

@@ -115,6 +115,32 @@ def test_dispatch_and_combine_place_rows_by_slot():
     assert torch.allclose(out[:, 0], torch.tensor([10 * (0.5 + 0.3), 20 * (0.6 + 0.3), 30 * 0.7]))
 
 
+def test_merged_routings_stack_each_experts_rows_group_after_group():
+    from vlmoe.moe.dispatch import combine, dispatch, merge_routings, plan_dispatch
+    from vlmoe.moe.router import Routing
+
+    def routing(expert, slot, capacity):
+        expert = torch.tensor(expert).unsqueeze(1)
+        return Routing(expert=expert, slot=torch.tensor(slot).unsqueeze(1), weight=torch.ones(expert.shape),
+                       gates=torch.ones(expert.shape[0], 2), capacity=capacity)
+
+    # group a: tokens a0..a2 -> experts 0, 1, 0 (capacity 2); group b: b0..b3 -> 0, 0, 0, 1, capacity
+    # 2: b2 dropped
+    a = routing([0, 1, 0], [0, 0, 1], 2)
+    b = routing([0, 0, 0, 1], [0, 1, -1, 0], 2)
+    merged = merge_routings([a, b], num_experts=2)
+    # expert 0 holds a0, a2 then b0, b1; expert 1 holds a1 then b3
+    assert merged.slot.squeeze(1).tolist() == [0, 0, 1, 2, 3, -1, 1]
+    assert merged.expert.squeeze(1).tolist() == [0, 1, 0, 0, 0, 0, 1]
+    assert merged.capacity == 4 and merge_routings([a], 2) is a
+    plan = plan_dispatch(merged, num_experts=2)
+    assert plan.rows_used.tolist() == [4, 2]  # the filled rows stay leading
+    tokens = torch.arange(1.0, 8.0).unsqueeze(1)  # a0..a2, b0..b3 are 1..7
+    buffers = dispatch(tokens, plan)
+    assert buffers[0, :4, 0].tolist() == [1, 3, 4, 5] and buffers[1, :2, 0].tolist() == [2, 7]
+    assert combine(buffers, plan, merged.weight).squeeze(1).tolist() == [1, 2, 3, 4, 5, 0, 7]
+
+
 def test_expert_counts_match_bincount_and_weight_the_entries():
     from vlmoe.moe.counts import expert_counts
 

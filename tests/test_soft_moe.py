@@ -134,6 +134,23 @@ def test_routing_of_an_example_does_not_depend_on_the_others():
     torch.testing.assert_close(layer(x[2:3], mask[2:3])[0], out[2], rtol=0, atol=1e-6)
 
 
+def test_inputs_in_one_call_match_separate_calls():
+    torch.manual_seed(1)
+    layer = SoftMoE(16, 32, MoEConfig(type="soft", num_experts=4, slots_per_expert=2), metric_prefix="s")
+    xs = [torch.randn(3, 7, 16, requires_grad=True), torch.randn(2, 4, 16, requires_grad=True)]
+    masks = [None, torch.tensor([[True] * 4, [True, False, False, False]])]
+    params = [*xs, layer.router.phi, layer.experts.w_in]
+    separate = [layer(x, m) for x, m in zip(xs, masks)]
+    separate_metrics = layer.pop_metrics()
+    together = layer.forward_groups(xs, masks, [None, None])
+    assert layer.pop_metrics() == pytest.approx(separate_metrics)
+    for a, b in zip(separate, together):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(sum(o.square().sum() for o in outs), params) for outs in (separate, together)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_metrics_per_mode_and_no_aux_loss():
     layer = tiny_layer(metric_prefix="moe/L1/v").float()
     x = torch.randn(3, 5, 6)

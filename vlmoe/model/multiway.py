@@ -6,9 +6,10 @@ FFNs come from an `ffn_factory`, so the MoE layers plug in without the backbone 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,16 @@ from vlmoe.model.config import ModelConfig
 from vlmoe.model.embeddings import MultiwayEmbeddings
 from vlmoe.nn.feed_forward import FeedForward
 from vlmoe.nn.init import init_linears_, trunc_normal_
+from vlmoe.nn.task_scope import task_scope
 from vlmoe.zero3 import full_parameters
 
 FfnFactory = Callable[[int, str], nn.Module]
-"""(block_index, modality in {"v", "t", "vl"}) -> module called as ffn(x [B, n, D], token_mask [B, n] | None)."""
+"""(block_index, modality in {"v", "t", "vl"}) -> module called as ffn(x [B, n, D], token_mask [B, n] | None).
+
+One that also has forward_groups(xs, token_masks, tasks) -> outputs (the MoE layers) gets the
+tokens of every input of a `MultiwayTransformer.forward_many` in one call, each input's task
+named; others are called once per input, inside its `task_scope`.
+"""
 
 MODALITIES = ("v", "t", "vl")
 
@@ -77,13 +84,40 @@ class TokenLayout:
     """Where the modalities sit in a [B, L, D] sequence: image positions [0, n_image), text after.
 
     kind: "image", "text" or "pair". valid: [B, L] bool (False = padding) or None when nothing is
-    padded. visual: [B, L] bool, True at image positions.
+    padded. visual: [B, L] bool, True at image positions. task: the pretraining task the sequence
+    serves (per-task routing metrics), or None.
     """
 
     kind: str
     n_image: int
     valid: Optional[torch.Tensor]
     visual: torch.Tensor
+    task: Optional[str] = None
+
+    def ffn_segments(self, has_vl_ffn: bool) -> list[tuple[str, int, Optional[int]]]:
+        """(modality, start, stop) of the token ranges that go to each FFN of a block."""
+        if self.kind == "image":
+            return [("v", 0, None)]
+        if self.kind == "text":
+            return [("t", 0, None)]
+        if has_vl_ffn:
+            return [("vl", 0, None)]
+        return [("v", 0, self.n_image), ("t", self.n_image, None)]
+
+
+@dataclass(frozen=True)
+class EncoderInput:
+    """One input of `MultiwayTransformer.forward_many` (the arguments of `forward`, and its task)."""
+
+    pixels: Optional[torch.Tensor] = None
+    text_ids: Optional[torch.Tensor] = None
+    text_pad_mask: Optional[torch.Tensor] = None
+    image_mask: Optional[torch.Tensor] = None
+    task: Optional[str] = None
+
+
+def _in_task(task: Optional[str]) -> contextlib.AbstractContextManager:
+    return task_scope(task) if task is not None else contextlib.nullcontext()
 
 
 def _slice_mask(mask: Optional[torch.Tensor], start: int, stop: Optional[int]) -> Optional[torch.Tensor]:
@@ -118,32 +152,58 @@ class MultiwayBlock(nn.Module):
         """The FFNs this block holds: V, T and (top blocks) VL."""
         return [f for f in (self.ffn_v, self.ffn_t, self.ffn_vl) if f is not None]
 
-    def _call_ffn(self, ffn: nn.Module, modality: str, x: torch.Tensor, valid: Optional[torch.Tensor],
-                  visual: torch.Tensor) -> torch.Tensor:
-        with token_masks(valid=valid, visual=visual):
-            out = ffn(x.contiguous(), valid)
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise TypeError(f"block {self.index} {modality}-FFN must return a tensor of shape {tuple(x.shape)}, got {got}")
-        return out
+    def ffn(self, modality: str) -> nn.Module:
+        """The block's FFN for `modality` ("v", "t" or "vl")."""
+        return {"v": self.ffn_v, "t": self.ffn_t, "vl": self.ffn_vl}[modality]
 
-    def _feed_forward(self, y: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        if layout.kind == "image":
-            return self._call_ffn(self.ffn_v, "v", y, layout.valid, layout.visual)
-        if layout.kind == "text":
-            return self._call_ffn(self.ffn_t, "t", y, layout.valid, layout.visual)
-        if self.ffn_vl is not None:
-            return self._call_ffn(self.ffn_vl, "vl", y, layout.valid, layout.visual)
-        n = layout.n_image
-        image_out = self._call_ffn(self.ffn_v, "v", y[:, :n], _slice_mask(layout.valid, 0, n), layout.visual[:, :n])
-        text_out = self._call_ffn(self.ffn_t, "t", y[:, n:], _slice_mask(layout.valid, n, None), layout.visual[:, n:])
-        return torch.cat([image_out, text_out], dim=1)
+    def _call_ffn(self, modality: str, ys: list[torch.Tensor], layouts: list[TokenLayout],
+                  bounds: list[tuple[int, Optional[int]]]) -> list[torch.Tensor]:
+        """The `modality` FFN on token range bounds[i] of every sequence ys[i] [B_i, L_i, D].
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """x [B, L, D] -> [B, L, D]."""
-        with token_masks(valid=layout.valid, visual=layout.visual):
-            x = x + self.drop_path(self.attn(self.norm1(x), layout.valid))
-        return x + self.drop_path(self._feed_forward(self.norm2(x), layout))
+        An FFN with `forward_groups` (the MoE layers) takes them in one call, so that its experts
+        run once for all of them; others are called once per sequence, each under its token masks.
+        """
+        ffn = self.ffn(modality)
+        xs = [y[:, start:stop].contiguous() for y, (start, stop) in zip(ys, bounds)]
+        valids = [_slice_mask(layout.valid, start, stop) for layout, (start, stop) in zip(layouts, bounds)]
+        if len(xs) > 1 and hasattr(ffn, "forward_groups"):
+            outs = ffn.forward_groups(xs, valids, [layout.task for layout in layouts])
+        else:
+            outs = []
+            for x, valid, layout, (start, stop) in zip(xs, valids, layouts, bounds):
+                with _in_task(layout.task), token_masks(valid=valid, visual=layout.visual[:, start:stop]):
+                    outs.append(ffn(x, valid))
+        for x, out in zip(xs, outs):
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise TypeError(f"block {self.index} {modality}-FFN must return a tensor of shape {tuple(x.shape)}, "
+                                f"got {got}")
+        return outs
+
+    def _feed_forward(self, ys: list[torch.Tensor], layouts: list[TokenLayout]) -> list[torch.Tensor]:
+        """Every sequence's tokens through their modality FFNs, each FFN called once for all sequences."""
+        segments = [layout.ffn_segments(self.ffn_vl is not None) for layout in layouts]
+        outputs: list[list[torch.Tensor]] = [[] for _ in ys]
+        for modality in MODALITIES:
+            users = [(i, start, stop) for i, parts in enumerate(segments) for m, start, stop in parts if m == modality]
+            if not users:
+                continue
+            outs = self._call_ffn(modality, [ys[i] for i, _, _ in users], [layouts[i] for i, _, _ in users],
+                                  [(start, stop) for _, start, stop in users])
+            for (i, _, _), out in zip(users, outs):
+                outputs[i].append(out)  # a pair's V part comes before its T part, as in the sequence
+        return [parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) for parts in outputs]
+
+    def forward(self, xs: list[torch.Tensor], layouts: list[TokenLayout]) -> list[torch.Tensor]:
+        """xs[i] [B_i, L_i, D] laid out as layouts[i] -> same shapes. The sequences share no token:
+        each attends within itself; they go through the block together so that each FFN is called
+        once for all of them."""
+        attended = []
+        for x, layout in zip(xs, layouts):
+            with _in_task(layout.task), token_masks(valid=layout.valid, visual=layout.visual):
+                attended.append(x + self.drop_path(self.attn(self.norm1(x), layout.valid)))
+        ffn_out = self._feed_forward([self.norm2(x) for x in attended], layouts)
+        return [x + self.drop_path(out) for x, out in zip(attended, ffn_out)]
 
 
 @dataclass
@@ -201,20 +261,18 @@ class MultiwayTransformer(nn.Module):
                         ffn.rescale_output_(factor)
 
     def _layout(self, n_image: int, n_text: int, batch: int, text_pad_mask: Optional[torch.Tensor],
-                device: torch.device) -> TokenLayout:
+                device: torch.device, task: Optional[str]) -> TokenLayout:
         kind = "pair" if n_image and n_text else ("image" if n_image else "text")
         visual = torch.zeros(batch, n_image + n_text, dtype=torch.bool, device=device)
         visual[:, :n_image] = True
         valid = None
         if text_pad_mask is not None:
             valid = torch.cat([torch.ones(batch, n_image, dtype=torch.bool, device=device), text_pad_mask], dim=1)
-        return TokenLayout(kind=kind, n_image=n_image, valid=valid, visual=visual)
+        return TokenLayout(kind=kind, n_image=n_image, valid=valid, visual=visual, task=task)
 
-    def forward(self, pixels: Optional[torch.Tensor] = None, text_ids: Optional[torch.Tensor] = None,
-                text_pad_mask: Optional[torch.Tensor] = None,
-                image_mask: Optional[torch.Tensor] = None) -> MultiwayOutput:
-        """pixels [B, C, H, W], text_ids Long [B, T], text_pad_mask [B, T] bool (True = real token),
-        image_mask [B, P] bool (True = patch replaced by [MASK]) -> MultiwayOutput, L = (1 + P) + T."""
+    def _embed(self, given: EncoderInput) -> tuple[torch.Tensor, TokenLayout]:
+        """One input -> (x [B, L, D], its layout), after checking it."""
+        pixels, text_ids, text_pad_mask, image_mask = given.pixels, given.text_ids, given.text_pad_mask, given.image_mask
         if pixels is None and text_ids is None:
             raise ValueError("MultiwayTransformer needs pixels, text_ids or both")
         if pixels is None and image_mask is not None:
@@ -237,15 +295,35 @@ class MultiwayTransformer(nn.Module):
         n_image = parts[0].shape[1] if pixels is not None else 0
         n_text = parts[-1].shape[1] if text_ids is not None else 0
         x = torch.cat(parts, dim=1) if len(parts) == 2 else parts[0]
-        layout = self._layout(n_image, n_text, x.shape[0], text_pad_mask, x.device)
+        return x, self._layout(n_image, n_text, x.shape[0], text_pad_mask, x.device, given.task)
+
+    def forward(self, pixels: Optional[torch.Tensor] = None, text_ids: Optional[torch.Tensor] = None,
+                text_pad_mask: Optional[torch.Tensor] = None,
+                image_mask: Optional[torch.Tensor] = None) -> MultiwayOutput:
+        """pixels [B, C, H, W], text_ids Long [B, T], text_pad_mask [B, T] bool (True = real token),
+        image_mask [B, P] bool (True = patch replaced by [MASK]) -> MultiwayOutput, L = (1 + P) + T."""
+        return self.forward_many([EncoderInput(pixels, text_ids, text_pad_mask, image_mask)])[0]
+
+    def forward_many(self, inputs: Sequence[EncoderInput]) -> list[MultiwayOutput]:
+        """Encode several independent inputs (a pretraining step's images, texts and pairs) block
+        by block together -> one `MultiwayOutput` each, as `forward` gives it.
+
+        Each FFN of a block is called once for all of them, so a sparse MoE layer's experts run
+        once per block on the tokens of every objective (larger expert GEMMs, one all-to-all),
+        while each input keeps its own routing group; attention stays within each input.
+        """
+        if not inputs:
+            raise ValueError("MultiwayTransformer.forward_many needs at least one input")
+        embedded = [self._embed(given) for given in inputs]
+        xs, layouts = [x for x, _ in embedded], [layout for _, layout in embedded]
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, layout, use_reentrant=False)
+                xs = checkpoint(block, xs, layouts, use_reentrant=False)
             else:
-                x = block(x, layout)
-        return MultiwayOutput(
+                xs = block(xs, layouts)
+        return [MultiwayOutput(
             hidden=self.norm(x),
-            image_slice=slice(0, n_image) if n_image else None,
-            text_slice=slice(n_image, n_image + n_text) if n_text else None,
+            image_slice=slice(0, layout.n_image) if layout.n_image else None,
+            text_slice=slice(layout.n_image, x.shape[1]) if layout.kind != "image" else None,
             valid=layout.valid,
-        )
+        ) for x, layout in zip(xs, layouts)]

@@ -8,8 +8,7 @@ from torch import nn
 
 from vlmoe.model.config import ModelConfig
 from vlmoe.model.heads import MIMHead, MLMHead
-from vlmoe.model.multiway import FfnFactory, MultiwayTransformer
-from vlmoe.nn.task_scope import task_scope
+from vlmoe.model.multiway import EncoderInput, FfnFactory, MultiwayTransformer
 from vlmoe.data.masking import IGNORE_INDEX
 from vlmoe.model.objectives import prediction_accuracy, prediction_loss, pretraining_loss
 
@@ -33,8 +32,18 @@ def _subset(batch: Mapping[str, Any], name: str) -> dict[str, torch.Tensor]:
     return dict(part)
 
 
+def _encoder_input(name: str, part: dict[str, torch.Tensor]) -> EncoderInput:
+    """The backbone input of one batch subset, marked with the objective it serves."""
+    if name == "text":
+        return EncoderInput(text_ids=part["ids"], text_pad_mask=part["pad_mask"], task="mlm")
+    if name == "image":
+        return EncoderInput(pixels=part["pixels"], image_mask=part["mim_mask"], task="mim")
+    return EncoderInput(pixels=part["pixels"], text_ids=part["ids"], text_pad_mask=part["pad_mask"],
+                        image_mask=part["mim_mask"], task="vlm")
+
+
 class VLMoEForPretraining(nn.Module):
-    """Multiway backbone + MLM and MIM heads; one backbone pass per objective present in a batch.
+    """Multiway backbone + MLM and MIM heads; the objectives present in a batch share one backbone pass.
 
     batch = {"text": {ids Long[B,T], pad_mask Bool[B,T], labels Long[B,T] (-100 = not predicted)},
              "image": {pixels Float[B,3,H,W], mim_mask Bool[B,P], mim_targets Long[B,P]},
@@ -74,32 +83,29 @@ class VLMoEForPretraining(nn.Module):
         unknown = sorted(set(batch) - set(BATCH_KEYS))
         if unknown:
             raise KeyError(f"batch has unknown subset(s) {unknown}; expected some of {sorted(BATCH_KEYS)}")
+        subsets = {name: _subset(batch, name) for name in BATCH_KEYS if name in batch}
+        if not subsets:
+            raise ValueError("batch holds none of 'text', 'image', 'pair'")
+        # The objectives go through the backbone together: its MoE layers run their experts once
+        # per block for all of them (each objective still routes as its own group).
+        encoded = dict(zip(subsets, self.backbone.forward_many([_encoder_input(name, part)
+                                                                for name, part in subsets.items()])))
         out: dict[str, torch.Tensor] = {}
         losses: dict[str, torch.Tensor] = {}
-        if "text" in batch:
-            text = _subset(batch, "text")
-            with task_scope("mlm"):
-                encoded = self.backbone(text_ids=text["ids"], text_pad_mask=text["pad_mask"])
-                losses["mlm"], out["mlm_acc"] = self._predict_text(encoded.hidden, text["labels"])
-        if "image" in batch:
-            image = _subset(batch, "image")
-            with task_scope("mim"):
-                encoded = self.backbone(pixels=image["pixels"], image_mask=image["mim_mask"])
-                losses["mim"], out["mim_acc"] = self._predict_patches(encoded.hidden, image["mim_mask"],
-                                                                      image["mim_targets"])
-        if "pair" in batch:
-            pair = _subset(batch, "pair")
-            with task_scope("vlm"):
-                encoded = self.backbone(pixels=pair["pixels"], text_ids=pair["ids"], text_pad_mask=pair["pad_mask"],
-                                        image_mask=pair["mim_mask"])
-                out["vlm_text"], out["vlm_text_acc"] = self._predict_text(encoded.hidden[:, encoded.text_slice],
-                                                                          pair["labels"])
-                out["vlm_image"], out["vlm_image_acc"] = self._predict_patches(
-                    encoded.hidden[:, encoded.image_slice], pair["mim_mask"], pair["mim_targets"])
+        if "text" in subsets:
+            losses["mlm"], out["mlm_acc"] = self._predict_text(encoded["text"].hidden, subsets["text"]["labels"])
+        if "image" in subsets:
+            image = subsets["image"]
+            losses["mim"], out["mim_acc"] = self._predict_patches(encoded["image"].hidden, image["mim_mask"],
+                                                                  image["mim_targets"])
+        if "pair" in subsets:
+            pair, hidden = subsets["pair"], encoded["pair"]
+            out["vlm_text"], out["vlm_text_acc"] = self._predict_text(hidden.hidden[:, hidden.text_slice],
+                                                                      pair["labels"])
+            out["vlm_image"], out["vlm_image_acc"] = self._predict_patches(
+                hidden.hidden[:, hidden.image_slice], pair["mim_mask"], pair["mim_targets"])
             # VLM recovers both masked text tokens and masked patches of a pair: the sum of the two.
             losses["vlm"] = out["vlm_text"] + out["vlm_image"]
-        if not losses:
-            raise ValueError("batch holds none of 'text', 'image', 'pair'")
         out.update(losses)
         out["loss"] = pretraining_loss(losses)
         return out

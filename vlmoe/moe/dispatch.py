@@ -9,6 +9,7 @@ run markedly slower on CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -78,6 +79,26 @@ def count_rows_used(routing: Routing, num_experts: int) -> torch.Tensor:
     # A scatter, not a bincount of the kept choices: boolean indexing would sync the device.
     return torch.zeros(num_experts, dtype=torch.long, device=routing.expert.device).scatter_add_(
         0, routing.expert.reshape(-1), routing.kept.reshape(-1).long())
+
+
+def merge_routings(routings: Sequence[Routing], num_experts: int) -> Routing:
+    """Several groups' routings as one routing of all their tokens into shared expert buffers.
+
+    Each group keeps its own capacity and priority order (it was routed alone); in the shared
+    buffers an expert's rows hold group 0's tokens, then group 1's, ..., so the filled rows stay
+    leading: a kept choice of group i moves down by the rows that the groups before it filled in
+    its expert. Capacity is the groups' sum. Tokens are the groups' in order ([sum S_i, k]).
+    """
+    if len(routings) == 1:
+        return routings[0]
+    filled = torch.zeros(num_experts, dtype=torch.long, device=routings[0].expert.device)
+    slots = []
+    for routing in routings:
+        slots.append(torch.where(routing.kept, routing.slot + filled[routing.expert], routing.slot))
+        filled = filled + count_rows_used(routing, num_experts)
+    return Routing(expert=torch.cat([r.expert for r in routings]), slot=torch.cat(slots),
+                   weight=torch.cat([r.weight for r in routings]), gates=torch.cat([r.gates for r in routings]),
+                   capacity=sum(r.capacity for r in routings))
 
 
 def plan_dispatch(routing: Routing, num_experts: int) -> DispatchPlan:

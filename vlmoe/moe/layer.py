@@ -1,13 +1,13 @@
 """The sparse MoE layer: its router (`TopKRouter`), a token dispatcher, the experts, the combine."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.profiler import record_function
 
 from vlmoe.moe.config import MoEConfig
-from vlmoe.moe.dispatch import IndexDispatcher
+from vlmoe.moe.dispatch import IndexDispatcher, merge_routings
 from vlmoe.moe.expert_layer import ExpertLayer, in_backward
 from vlmoe.moe.experts import Experts
 from vlmoe.moe.metrics import RoutingStats
@@ -63,48 +63,68 @@ class MoE(ExpertLayer):
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., d_model], token_mask [...] bool (True = real token) -> [..., d_model]."""
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"MoE: expected last dim {self.d_model}, got input shape {tuple(x.shape)}")
-        flat = x.reshape(-1, self.d_model)
-        if token_mask is not None:
-            if token_mask.shape != x.shape[:-1]:
-                raise ValueError(f"MoE: token_mask shape {tuple(token_mask.shape)} does not match input "
-                                 f"{tuple(x.shape[:-1])}")
-            real = token_mask.reshape(-1).nonzero().squeeze(1)
-            tokens = flat.index_select(0, real)
-        else:
-            tokens = flat
-        out_tokens = self._moe(tokens)
-        if token_mask is not None:
-            out = flat.new_zeros(flat.shape).index_copy(0, real, out_tokens)
-        else:
-            out = out_tokens
-        return out.view(x.shape)
+        return self.forward_groups([x], [token_mask], [current_task()])[0]
 
-    def _moe(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [S, d] -> [S, d] for one routing group."""
+    def forward_groups(self, xs: Sequence[torch.Tensor], token_masks: Sequence[Optional[torch.Tensor]],
+                       tasks: Sequence[Optional[str]]) -> list[torch.Tensor]:
+        """Several routing groups in one call: xs[i] [..., d_model] with token_masks[i] (or None),
+        serving pretraining task tasks[i] (per-task metrics) -> [xs[i]'s shape].
+
+        Each group is routed alone (its own capacity, priority order and aux terms, as in separate
+        calls); the experts then run once over all groups' buffers (one all-to-all each way):
+        the backbone sends the objectives of a pretraining step through here together, which gives
+        the expert GEMMs the rows of all of them.
+        """
+        if not len(xs) == len(token_masks) == len(tasks) or not xs:
+            raise ValueError(f"MoE.forward_groups: {len(xs)} inputs, {len(token_masks)} token masks and "
+                             f"{len(tasks)} tasks: expected one or more of each, as many of each")
+        flats, reals, groups = [], [], []
+        for x, token_mask in zip(xs, token_masks):
+            if x.shape[-1] != self.d_model:
+                raise ValueError(f"MoE: expected last dim {self.d_model}, got input shape {tuple(x.shape)}")
+            flat = x.reshape(-1, self.d_model)
+            real = None
+            if token_mask is not None:
+                if token_mask.shape != x.shape[:-1]:
+                    raise ValueError(f"MoE: token_mask shape {tuple(token_mask.shape)} does not match input "
+                                     f"{tuple(x.shape[:-1])}")
+                real = token_mask.reshape(-1).nonzero().squeeze(1)
+            flats.append(flat)
+            reals.append(real)
+            groups.append(flat if real is None else flat.index_select(0, real))
+        outs = []
+        for x, flat, real, out_tokens in zip(xs, flats, reals, self._moe(groups, tasks)):
+            out = out_tokens if real is None else flat.new_zeros(flat.shape).index_copy(0, real, out_tokens)
+            outs.append(out.view(x.shape))
+        return outs
+
+    def _moe(self, groups: list[torch.Tensor], tasks: Sequence[Optional[str]]) -> tuple[torch.Tensor, ...]:
+        """groups[i] [S_i, d] -> ([S_i, d], ...), each group its own routing group."""
         with record_function("vlmoe.moe.router"):
             # the aux terms come on every run, so that an activation-checkpoint re-run saves the same tensors
-            routed = self.router(tokens)
+            routed = [self.router(tokens) for tokens in groups]
+            routing = merge_routings([r.routing for r in routed], self.num_experts)
         with record_function("vlmoe.moe.dispatch"):
+            tokens = groups[0] if len(groups) == 1 else torch.cat(groups)
             if self.backend == "tutel":
-                dispatcher = TutelDispatcher(routed.routing, self.num_experts, self.d_model, tokens.dtype)
+                dispatcher = TutelDispatcher(routing, self.num_experts, self.d_model, tokens.dtype)
             else:
-                dispatcher = IndexDispatcher(routed.routing, self.num_experts)
+                dispatcher = IndexDispatcher(routing, self.num_experts)
             buffers = dispatcher.dispatch(tokens)
         expert_out = run_experts(buffers, self.experts, self.ep_group, dispatcher.rows_used)
         with record_function("vlmoe.moe.combine"):
             out = dispatcher.combine(expert_out)
         if not in_backward():  # only the first run counts, not an activation-checkpoint re-run
             with record_function("vlmoe.moe.metrics"):
-                self._record(routed)
-        return out
+                for group_routed, task in zip(routed, tasks):
+                    self._record(group_routed, task)
+        return out.split([tokens.shape[0] for tokens in groups])
 
-    def _record(self, routed: RouterOutput) -> None:
+    def _record(self, routed: RouterOutput, task: Optional[str]) -> None:
         if routed.aux_loss is not None:
             self._aux_sum = routed.aux_loss if self._aux_sum is None else self._aux_sum + routed.aux_loss
             self._aux_calls += 1
-        self.stats.update(routed.routing, current_task(), routed.aux_terms)
+        self.stats.update(routed.routing, task, routed.aux_terms)
 
     def pop_aux_loss(self) -> Optional[torch.Tensor]:
         """The weighted aux loss, averaged over training calls since the last pop (None if none); resets."""

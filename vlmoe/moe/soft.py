@@ -10,7 +10,7 @@ get zero output.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.profiler import record_function
@@ -70,25 +70,41 @@ class SoftMoE(ExpertLayer):
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, n, d_model], token_mask [B, n] bool (True = real token; None = all) -> [B, n, d_model]."""
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"SoftMoE: expected input [B, n, {self.d_model}], got {tuple(x.shape)}")
-        if token_mask is not None and token_mask.shape != x.shape[:2]:
-            raise ValueError(f"SoftMoE: token_mask shape {tuple(token_mask.shape)} does not match input "
-                             f"{tuple(x.shape[:2])}")
+        return self.forward_groups([x], [token_mask], [None])[0]
+
+    def forward_groups(self, xs: Sequence[torch.Tensor], token_masks: Sequence[Optional[torch.Tensor]],
+                       tasks: Sequence[Optional[str]]) -> list[torch.Tensor]:
+        """Several inputs in one call (`MoE.forward_groups`' interface; tasks are not used): xs[i]
+        [B_i, n_i, d_model] with token_masks[i] -> [xs[i]'s shape]. Each input's examples get their
+        own slots as in separate calls; the experts run once over all of their slots."""
+        if not len(xs) == len(token_masks) == len(tasks) or not xs:
+            raise ValueError(f"SoftMoE.forward_groups: {len(xs)} inputs, {len(token_masks)} token masks and "
+                             f"{len(tasks)} tasks: expected one or more of each, as many of each")
+        for x, token_mask in zip(xs, token_masks):
+            if x.dim() != 3 or x.shape[-1] != self.d_model:
+                raise ValueError(f"SoftMoE: expected input [B, n, {self.d_model}], got {tuple(x.shape)}")
+            if token_mask is not None and token_mask.shape != x.shape[:2]:
+                raise ValueError(f"SoftMoE: token_mask shape {tuple(token_mask.shape)} does not match input "
+                                 f"{tuple(x.shape[:2])}")
         with record_function("vlmoe.moe.router"):
-            weights = self.router(x, token_mask)
+            weights = [self.router(x, token_mask) for x, token_mask in zip(xs, token_masks)]
         with record_function("vlmoe.moe.dispatch"):
             # slots mix the raw tokens (not the normalised ones the logits saw)
-            slots = weights.dispatch.to(x.dtype).transpose(1, 2) @ x  # [B, S, D]
-            buffers = slots_to_buffers(slots, self.num_experts)
+            buffers = [slots_to_buffers(w.dispatch.to(x.dtype).transpose(1, 2) @ x, self.num_experts)  # [B, S, D]
+                       for w, x in zip(weights, xs)]
+            rows = [b.shape[1] for b in buffers]
+            buffers = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=1)
         expert_out = run_experts(buffers, self.experts, self.ep_group)
+        outs = []
         with record_function("vlmoe.moe.combine"):
-            out_slots = buffers_to_slots(expert_out, x.shape[0])
-            out = weights.combine.to(out_slots.dtype) @ out_slots  # [B, n, D]; zero rows for padding
+            for w, x, group_out in zip(weights, xs, expert_out.split(rows, dim=1)):
+                out_slots = buffers_to_slots(group_out, x.shape[0])
+                outs.append(w.combine.to(out_slots.dtype) @ out_slots)  # [B, n, D]; zero rows for padding
         if not in_backward():  # an activation-checkpoint re-run must not count twice
             with record_function("vlmoe.moe.metrics"):
-                self.stats.update(weights.dispatch, weights.combine, token_mask)
-        return out
+                for w, token_mask in zip(weights, token_masks):
+                    self.stats.update(w.dispatch, w.combine, token_mask)
+        return outs
 
     def pop_aux_loss(self) -> None:
         """Soft MoE has no balancing loss: always None (the trainer then logs no aux_loss)."""
