@@ -73,15 +73,15 @@ def _ours(d: int, d_ff: int, experts: int, cf: float, device: torch.device, back
 def _ours_groups(d: int, d_ff: int, experts: int, cf: float, groups: int, one_call: bool,
                  device: torch.device) -> Step:
     """Our layer on the tokens split into `groups` routing groups (a pretraining step's objectives):
-    one call per group, or all in one `forward_groups` call (each still routed alone; the experts
-    run once on all groups' rows, as the backbone runs them)."""
+    one call per group, or all in one call with lists (each still routed alone; the experts run
+    once on all groups' rows, as the backbone runs them)."""
     config = MoEConfig(num_experts=experts, k=1, capacity_factor=cf, batch_priority=True)
     layer = MoE(d, d_ff, config, modality="v").train()
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         parts = list(x.chunk(groups))
         if one_call:
-            outs = layer.forward_groups(parts, [None] * groups, [None] * groups)
+            outs = layer(parts)
         else:
             outs = [layer(part) for part in parts]
         layer.pop_metrics()

@@ -90,6 +90,15 @@ def test_moe_layer_counts_kept_tokens_against_computed_capacity_buffers():
     assert counted == router + 16 * 2 * per_row == 8576
     assert analytic.backward == dict.fromkeys(CATEGORIES, 0)  # no_grad
 
+    # One call with two groups (the backbone's way with a step's objectives), each routed alone:
+    # the 6 tokens as above (5 kept), and t0, t1, t2 (all to expert 0) with a padding row, whose
+    # C = ceil(3 / 4) = 1 keeps one. The router GEMM counts the real tokens of both: 6 + 3.
+    second, mask = tokens[0, :4].view(2, 2, 8), torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        _, analytic = measure_flops(layer, lambda: layer([tokens, second], [None, mask]))
+    assert analytic.forward["routers"] == 2 * (6 + 3) * 8 * 4
+    assert analytic.forward["experts"] == (5 + 1) * 2 * per_row
+
 
 def test_smola_block_counts_its_routing_and_experts_exactly():
     torch.manual_seed(0)
@@ -228,6 +237,11 @@ def test_soft_moe_counts_its_three_routing_gemms_and_every_slot_row_exactly():
     layer.requires_grad_(False)  # frozen (fine-tuning a soft base): no d_phi, and the experts only pass d_x on
     counted, analytic = measure_flops(layer, lambda: layer(x, mask).sum().backward())
     assert analytic.training["routers"] == 3 * one + 5 * one and counted == analytic.training_total
+    # two inputs in one call: each input's routing GEMMs, its own batch and length
+    other = torch.randn(1, 4, 8)
+    counted, analytic = measure_flops(layer, lambda: layer([x, other]))
+    assert analytic.forward["routers"] == 3 * one + 3 * (2 * 1 * 4 * 8 * 6)
+    assert analytic.forward["experts"] == (rows + 6) * 2 * per_row and counted == analytic.forward_total
 
 
 def test_accounting_training_step_of_a_soft_moe_model_which_has_no_aux_loss():

@@ -206,7 +206,7 @@ def test_groups_in_one_call_route_alone_and_match_separate_calls():
     def run(together: bool):
         torch.manual_seed(5)  # the same router noise: each group draws its own, in group order
         if together:
-            outs = layer.forward_groups(xs, masks, ["mim", "vlm"])
+            outs = layer(xs, masks, tasks=["mim", "vlm"])
         else:
             outs = []
             for x, mask, task in zip(xs, masks, ["mim", "vlm"]):
@@ -226,7 +226,7 @@ def test_groups_in_one_call_route_alone_and_match_separate_calls():
     assert together[3]["m/capacity"] == (math.ceil(21 / 4) + math.ceil(7 / 4)) / 2  # each group's own, per call
     assert {"m/dropped/mim", "m/dropped/vlm"} <= set(together[3])
     with pytest.raises(ValueError, match="2 inputs, 1 token masks and 2 tasks"):
-        layer.forward_groups(xs, masks[:1], ["mim", "vlm"])
+        layer(xs, masks[:1], tasks=["mim", "vlm"])
 
 
 def test_eval_uses_eval_capacity_factor():

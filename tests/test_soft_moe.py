@@ -142,7 +142,7 @@ def test_inputs_in_one_call_match_separate_calls():
     params = [*xs, layer.router.phi, layer.experts.w_in]
     separate = [layer(x, m) for x, m in zip(xs, masks)]
     separate_metrics = layer.pop_metrics()
-    together = layer.forward_groups(xs, masks, [None, None])
+    together = layer(xs, masks)
     assert layer.pop_metrics() == pytest.approx(separate_metrics)
     for a, b in zip(separate, together):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)

@@ -27,9 +27,9 @@ from vlmoe.zero3 import full_parameters
 FfnFactory = Callable[[int, str], nn.Module]
 """(block_index, modality in {"v", "t", "vl"}) -> module called as ffn(x [B, n, D], token_mask [B, n] | None).
 
-One that also has forward_groups(xs, token_masks, tasks) -> outputs (the MoE layers) gets the
-tokens of every input of a `MultiwayTransformer.forward_many` in one call, each input's task
-named; others are called once per input, inside its `task_scope`.
+One whose class sets `takes_token_groups = True` (the MoE layers) is called once with lists,
+ffn([x_i], [token_mask_i], tasks=[task_i]) -> [out_i], for all inputs of a
+`MultiwayTransformer.forward_many`; others are called once per input, inside its `task_scope`.
 """
 
 MODALITIES = ("v", "t", "vl")
@@ -160,14 +160,14 @@ class MultiwayBlock(nn.Module):
                   bounds: list[tuple[int, Optional[int]]]) -> list[torch.Tensor]:
         """The `modality` FFN on token range bounds[i] of every sequence ys[i] [B_i, L_i, D].
 
-        An FFN with `forward_groups` (the MoE layers) takes them in one call, so that its experts
+        An FFN that takes token groups (the MoE layers) gets them in one call, so that its experts
         run once for all of them; others are called once per sequence, each under its token masks.
         """
         ffn = self.ffn(modality)
         xs = [y[:, start:stop].contiguous() for y, (start, stop) in zip(ys, bounds)]
         valids = [_slice_mask(layout.valid, start, stop) for layout, (start, stop) in zip(layouts, bounds)]
-        if len(xs) > 1 and hasattr(ffn, "forward_groups"):
-            outs = ffn.forward_groups(xs, valids, [layout.task for layout in layouts])
+        if len(xs) > 1 and getattr(ffn, "takes_token_groups", False):
+            outs = ffn(xs, valids, tasks=[layout.task for layout in layouts])
         else:
             outs = []
             for x, valid, layout, (start, stop) in zip(xs, valids, layouts, bounds):

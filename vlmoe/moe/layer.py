@@ -1,7 +1,7 @@
 """The sparse MoE layer: its router (`TopKRouter`), a token dispatcher, the experts, the combine."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 from torch.profiler import record_function
@@ -26,6 +26,8 @@ class MoE(ExpertLayer):
     carries them). In training the layer keeps its weighted aux loss (`pop_aux_loss`) and routing
     statistics (`pop_metrics`) so that the return type stays a tensor.
     """
+
+    takes_token_groups: ClassVar[bool] = True  # forward takes lists of groups (the backbone's protocol)
 
     def __init__(self, d_model: int, d_ff: int, config: MoEConfig, modality: str = "v",
                  ep_group: Optional[object] = None, init_std: float = 0.02, seed: Optional[int] = None,
@@ -61,22 +63,30 @@ class MoE(ExpertLayer):
     def aux_losses(self) -> tuple[str, ...]:
         return self.router.aux_losses
 
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [..., d_model], token_mask [...] bool (True = real token) -> [..., d_model]."""
-        return self.forward_groups([x], [token_mask], [current_task()])[0]
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]],
+                token_mask: Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None] = None,
+                tasks: Optional[Sequence[Optional[str]]] = None) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """x [..., d_model], token_mask [...] bool (True = real token) -> [..., d_model].
 
-    def forward_groups(self, xs: Sequence[torch.Tensor], token_masks: Sequence[Optional[torch.Tensor]],
-                       tasks: Sequence[Optional[str]]) -> list[torch.Tensor]:
-        """Several routing groups in one call: xs[i] [..., d_model] with token_masks[i] (or None),
-        serving pretraining task tasks[i] (per-task metrics) -> [xs[i]'s shape].
-
-        Each group is routed alone (its own capacity, priority order and aux terms, as in separate
-        calls); the experts then run once over all groups' buffers (one all-to-all each way):
-        the backbone sends the objectives of a pretraining step through here together, which gives
-        the expert GEMMs the rows of all of them.
+        Or several routing groups in one call: x a list of [..., d_model] tensors, token_mask a
+        list (None entries: all real), tasks the pretraining task each serves (per-task metrics;
+        default: the current `task_scope`) -> a list of outputs. Each group is routed alone (its
+        own capacity, priority order and aux terms, as in separate calls); the experts then run
+        once over all groups' buffers, with one all-to-all each way: the backbone sends a
+        pretraining step's objectives through here together, which gives the expert GEMMs the
+        rows of all of them. (A call, not a second method, so that module hooks see it: ZeRO-3's
+        parameter gathering, the FLOP accounting.)
         """
+        if isinstance(x, torch.Tensor):
+            return self._forward_groups([x], [token_mask], [current_task()])[0]
+        xs = list(x)
+        token_masks = list(token_mask) if token_mask is not None else [None] * len(xs)
+        return self._forward_groups(xs, token_masks, list(tasks) if tasks is not None else [current_task()] * len(xs))
+
+    def _forward_groups(self, xs: list[torch.Tensor], token_masks: list[Optional[torch.Tensor]],
+                        tasks: list[Optional[str]]) -> list[torch.Tensor]:
         if not len(xs) == len(token_masks) == len(tasks) or not xs:
-            raise ValueError(f"MoE.forward_groups: {len(xs)} inputs, {len(token_masks)} token masks and "
+            raise ValueError(f"MoE: {len(xs)} inputs, {len(token_masks)} token masks and "
                              f"{len(tasks)} tasks: expected one or more of each, as many of each")
         flats, reals, groups = [], [], []
         for x, token_mask in zip(xs, token_masks):

@@ -10,7 +10,7 @@ get zero output.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 from torch.profiler import record_function
@@ -47,6 +47,8 @@ class SoftMoE(ExpertLayer):
     backbone and trainer: `pop_aux_loss()` (always None), `stats` / `pop_metrics()` per mode.
     """
 
+    takes_token_groups: ClassVar[bool] = True  # forward takes lists of inputs (the backbone's protocol)
+
     def __init__(self, d_model: int, d_ff: int, config: MoEConfig, ep_group: Optional[object] = None,
                  init_std: float = 0.02, seed: Optional[int] = None, metric_prefix: str = "moe") -> None:
         super().__init__()
@@ -68,17 +70,25 @@ class SoftMoE(ExpertLayer):
         """S = E * p slots per example."""
         return self.num_experts * self.slots_per_expert
 
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B, n, d_model], token_mask [B, n] bool (True = real token; None = all) -> [B, n, d_model]."""
-        return self.forward_groups([x], [token_mask], [None])[0]
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]],
+                token_mask: Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None] = None,
+                tasks: Optional[Sequence[Optional[str]]] = None) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """x [B, n, d_model], token_mask [B, n] bool (True = real token; None = all) -> [B, n, d_model].
 
-    def forward_groups(self, xs: Sequence[torch.Tensor], token_masks: Sequence[Optional[torch.Tensor]],
-                       tasks: Sequence[Optional[str]]) -> list[torch.Tensor]:
-        """Several inputs in one call (`MoE.forward_groups`' interface; tasks are not used): xs[i]
-        [B_i, n_i, d_model] with token_masks[i] -> [xs[i]'s shape]. Each input's examples get their
-        own slots as in separate calls; the experts run once over all of their slots."""
+        Or several inputs in one call, as `MoE.forward` takes them (lists of x and token_mask; tasks
+        are not used): each input's examples get their own slots as in separate calls, and the
+        experts run once over all of their slots.
+        """
+        if isinstance(x, torch.Tensor):
+            return self._forward_groups([x], [token_mask], [None])[0]
+        xs = list(x)
+        token_masks = list(token_mask) if token_mask is not None else [None] * len(xs)
+        return self._forward_groups(xs, token_masks, list(tasks) if tasks is not None else [None] * len(xs))
+
+    def _forward_groups(self, xs: list[torch.Tensor], token_masks: list[Optional[torch.Tensor]],
+                        tasks: list[Optional[str]]) -> list[torch.Tensor]:
         if not len(xs) == len(token_masks) == len(tasks) or not xs:
-            raise ValueError(f"SoftMoE.forward_groups: {len(xs)} inputs, {len(token_masks)} token masks and "
+            raise ValueError(f"SoftMoE: {len(xs)} inputs, {len(token_masks)} token masks and "
                              f"{len(tasks)} tasks: expected one or more of each, as many of each")
         for x, token_mask in zip(xs, token_masks):
             if x.dim() != 3 or x.shape[-1] != self.d_model:

@@ -254,19 +254,32 @@ def _attention(module: SelfAttention, x: torch.Tensor) -> Flops:
     return attention_flops(batch, module.heads, length, dim // module.heads, needs_grad)
 
 
+def _token_groups(args: tuple, kwargs: dict) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(x, token_mask) of each group of an MoE layer's call (one, or the lists of a grouped call)."""
+    x, token_mask = args[0], _argument(args, kwargs, 1, "token_mask")
+    if isinstance(x, torch.Tensor):
+        return [(x, token_mask)]
+    return list(zip(x, token_mask if token_mask is not None else [None] * len(x)))
+
+
 def _router(module: MoE, args: tuple, kwargs: dict) -> Flops:
     # The router's forward is F.linear on its weight (in fp32), not an nn.Linear: counted here.
-    x, token_mask = args[0], _argument(args, kwargs, 1, "token_mask")
-    tokens = int(token_mask.sum()) if token_mask is not None else x.numel() // module.d_model
-    return linear_flops(tokens, module.d_model, module.num_experts, _needs_grad(x), _needs_grad(module.router.weight))
+    total = Flops(0)
+    for x, token_mask in _token_groups(args, kwargs):
+        tokens = int(token_mask.sum()) if token_mask is not None else x.numel() // module.d_model
+        total = total + linear_flops(tokens, module.d_model, module.num_experts, _needs_grad(x),
+                                     _needs_grad(module.router.weight))
+    return total
 
 
 def _soft_router(module: SoftMoE, args: tuple, kwargs: dict) -> Flops:
-    x = args[0]
-    batch, tokens, dim = x.shape
-    router = module.router
-    return soft_moe_routing_flops(batch, tokens, dim, router.phi.shape[1], _needs_grad(x), _needs_grad(router.phi),
-                                  _needs_grad(router.scale), _any_needs_grad(module.experts))
+    router, total = module.router, Flops(0)
+    for x, _ in _token_groups(args, kwargs):
+        batch, tokens, dim = x.shape
+        total = total + soft_moe_routing_flops(batch, tokens, dim, router.phi.shape[1], _needs_grad(x),
+                                               _needs_grad(router.phi), _needs_grad(router.scale),
+                                               _any_needs_grad(module.experts))
+    return total
 
 
 def _experts(module: Experts, args: tuple, kwargs: dict) -> Flops:

@@ -79,12 +79,11 @@ def build_pretrain_task(cfg: RunConfig, info: DistInfo, ds_config: Optional[dict
                           "needs data.eval_batches >= 1, e.g. the override data.eval_batches=4")
     moe_cfg = cfg.moe
     if moe_cfg is not None and not moe_cfg.freeze and zero3_enabled(ds_config):
-        # DeepSpeed reduces a ZeRO-3 leaf module's gradients once per call of the module, and
-        # asserts on the second call within one backward.
+        # DeepSpeed 0.19's ZeRO-3 step fails on trainable expert parameters ("unknown parameter
+        # type"), after a backward that does pass now that a step calls each MoE layer once.
         raise ConfigError("config: sparse VL-MoE pretraining cannot run under ZeRO-3 (train.zero_stage / "
-                          "ds_config): each MoE layer is called once per objective (MLM, MIM, VLM) in a step, "
-                          "and DeepSpeed's ZeRO-3 reduces an MoE layer's gradients once per call; pretrain "
-                          "with ZeRO-1/2 (expert parallelism works there) or set moe.freeze=true")
+                          "ds_config): DeepSpeed's ZeRO-3 optimizer step does not take trainable MoE experts; "
+                          "pretrain with ZeRO-1/2 (expert parallelism works there) or set moe.freeze=true")
     sizes = batch_sizes(cfg)
     subsets = [s for s, b in sizes.items() if b > 0]
     root = check_data_dir(cfg.data.dir, subsets)
