@@ -75,21 +75,20 @@ class SoftMoE(ExpertLayer):
                 tasks: Optional[Sequence[Optional[str]]] = None) -> Union[torch.Tensor, list[torch.Tensor]]:
         """x [B, n, d_model], token_mask [B, n] bool (True = real token; None = all) -> [B, n, d_model].
 
-        Or several inputs in one call, as `MoE.forward` takes them (lists of x and token_mask; tasks
-        are not used): each input's examples get their own slots as in separate calls, and the
-        experts run once over all of their slots.
+        Or several inputs in one call, as `MoE.forward` takes them (lists of x and token_mask;
+        tasks, for the backbone's protocol, are not used): each input's examples get their own
+        slots as in separate calls, and the experts run once over all of their slots.
         """
         if isinstance(x, torch.Tensor):
-            return self._forward_groups([x], [token_mask], [None])[0]
+            return self._forward_groups([x], [token_mask])[0]
         xs = list(x)
         token_masks = list(token_mask) if token_mask is not None else [None] * len(xs)
-        return self._forward_groups(xs, token_masks, list(tasks) if tasks is not None else [None] * len(xs))
+        return self._forward_groups(xs, token_masks)
 
-    def _forward_groups(self, xs: list[torch.Tensor], token_masks: list[Optional[torch.Tensor]],
-                        tasks: list[Optional[str]]) -> list[torch.Tensor]:
-        if not len(xs) == len(token_masks) == len(tasks) or not xs:
-            raise ValueError(f"SoftMoE: {len(xs)} inputs, {len(token_masks)} token masks and "
-                             f"{len(tasks)} tasks: expected one or more of each, as many of each")
+    def _forward_groups(self, xs: list[torch.Tensor], token_masks: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+        if len(xs) != len(token_masks) or not xs:
+            raise ValueError(f"SoftMoE: {len(xs)} inputs and {len(token_masks)} token masks: expected one or more "
+                             f"of each, as many of each")
         for x, token_mask in zip(xs, token_masks):
             if x.dim() != 3 or x.shape[-1] != self.d_model:
                 raise ValueError(f"SoftMoE: expected input [B, n, {self.d_model}], got {tuple(x.shape)}")
