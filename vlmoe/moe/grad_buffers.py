@@ -22,11 +22,12 @@ def _unshared(tensor: torch.Tensor) -> bool:
 class GradientBuffers:
     """Named pools of gradient buffers: `take(name, like)` gives memory shaped like `like` to write into.
 
-    A name keeps every buffer it has handed out, so a layer called more than once per step (once
-    per pretraining objective) gets a second one for its second backward while the first is
-    `.grad` (autograd adds the second into it and drops it), and finds both free again next step.
-    A pool keeps at most `POOL_SIZE` buffers (one per pretraining objective); past that, memory
-    that is still held elsewhere is replaced by fresh blocks that are not kept.
+    A name keeps every buffer it has handed out, so a layer called more than once per step (the
+    backbone calls it once with all objectives; other callers may call it once per input) gets a
+    second one for its second backward while the first is `.grad` (autograd adds the second into
+    it and drops it), and finds both free again next step. A pool keeps at most `POOL_SIZE`
+    buffers (one per pretraining objective); past that, memory that is still held elsewhere is
+    replaced by fresh blocks that are not kept.
     """
 
     POOL_SIZE = 3
