@@ -417,6 +417,23 @@ def test_activation_checkpointing_does_not_double_count():
     assert "moe/L1/t/dropped/mlm" in collect_metrics(model)
 
 
+def test_activation_checkpointing_of_a_shared_expert_call_gives_the_same_gradients():
+    # all three objectives share each MoE call; the re-run inside backward must route (noise
+    # included) and count exactly as the first run did
+    cfg = model_config("tiny", depth=2, vl_ffn_start=2, drop_path=0.0)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = VLMoEForPretraining(cfg, moe_ffn_factory(cfg, MoEConfig(num_experts=4)))
+        model.backbone.grad_checkpointing = checkpointing
+        (model(_batch(cfg))["loss"] + collect_aux_loss(model)).backward()
+        results.append(([p.grad for p in model.parameters()], collect_metrics(model)))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert results[1][1] == pytest.approx(results[0][1])
+    assert {"moe/L1/v/dropped/mim", "moe/L1/v/dropped/vlm", "moe/L1/t/dropped/mlm"} <= set(results[1][1])
+
+
 def test_freeze_switch_and_parameter_report():
     cfg, model = tiny_model(freeze=True)
     layers = moe_layers(model)
