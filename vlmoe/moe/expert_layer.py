@@ -1,4 +1,5 @@
-"""What the sparse and the soft MoE layers share: experts, and routing statistics kept per mode.
+"""What the sparse and the soft MoE layers share: experts, routing statistics kept per mode, and
+the two forms of their call (one input, or lists of inputs: see `token_groups`).
 
 Training and evaluation keep their own statistics (``train_stats`` / ``eval_stats``, set by the
 subclass): an evaluation between two log steps must neither take the training steps' routing
@@ -6,8 +7,22 @@ subclass): an evaluation between two log steps must neither take the training st
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence, Union
+
 import torch
 from torch import nn
+
+TokenInputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+TokenMasks = Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None]
+
+
+def token_groups(x: TokenInputs, token_mask: TokenMasks) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """An expert layer's call as lists of inputs and masks: one input x with its token_mask, or a
+    grouped call's lists (token_mask None: every input all real). Lengths are the caller's to check."""
+    if isinstance(x, torch.Tensor):
+        return [x], [token_mask]
+    xs = list(x)
+    return xs, list(token_mask) if token_mask is not None else [None] * len(xs)
 
 
 def in_backward() -> bool:

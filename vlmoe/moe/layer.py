@@ -8,7 +8,7 @@ from torch.profiler import record_function
 
 from vlmoe.moe.config import MoEConfig
 from vlmoe.moe.dispatch import IndexDispatcher, merge_routings
-from vlmoe.moe.expert_layer import ExpertLayer, in_backward
+from vlmoe.moe.expert_layer import ExpertLayer, TokenInputs, TokenMasks, in_backward, token_groups
 from vlmoe.moe.experts import Experts
 from vlmoe.moe.metrics import RoutingStats
 from vlmoe.moe.parallel import ep_rank_and_size, run_experts
@@ -63,8 +63,7 @@ class MoE(ExpertLayer):
     def aux_losses(self) -> tuple[str, ...]:
         return self.router.aux_losses
 
-    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]],
-                token_mask: Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None] = None,
+    def forward(self, x: TokenInputs, token_mask: TokenMasks = None,
                 tasks: Optional[Sequence[Optional[str]]] = None) -> Union[torch.Tensor, list[torch.Tensor]]:
         """x [..., d_model], token_mask [...] bool (True = real token) -> [..., d_model].
 
@@ -77,11 +76,9 @@ class MoE(ExpertLayer):
         rows of all of them. (A call, not a second method, so that module hooks see it: ZeRO-3's
         parameter gathering, the FLOP accounting.)
         """
-        if isinstance(x, torch.Tensor):
-            return self._forward_groups([x], [token_mask], [current_task()])[0]
-        xs = list(x)
-        token_masks = list(token_mask) if token_mask is not None else [None] * len(xs)
-        return self._forward_groups(xs, token_masks, list(tasks) if tasks is not None else [current_task()] * len(xs))
+        xs, token_masks = token_groups(x, token_mask)
+        outs = self._forward_groups(xs, token_masks, list(tasks) if tasks is not None else [current_task()] * len(xs))
+        return outs[0] if isinstance(x, torch.Tensor) else outs
 
     def _forward_groups(self, xs: list[torch.Tensor], token_masks: list[Optional[torch.Tensor]],
                         tasks: list[Optional[str]]) -> list[torch.Tensor]:

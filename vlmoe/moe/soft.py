@@ -16,7 +16,7 @@ import torch
 from torch.profiler import record_function
 
 from vlmoe.moe.config import MoEConfig
-from vlmoe.moe.expert_layer import ExpertLayer, in_backward
+from vlmoe.moe.expert_layer import ExpertLayer, TokenInputs, TokenMasks, in_backward, token_groups
 from vlmoe.moe.experts import Experts
 from vlmoe.moe.metrics import SoftRoutingStats
 from vlmoe.moe.parallel import ep_rank_and_size, run_experts
@@ -70,8 +70,7 @@ class SoftMoE(ExpertLayer):
         """S = E * p slots per example."""
         return self.num_experts * self.slots_per_expert
 
-    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]],
-                token_mask: Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None] = None,
+    def forward(self, x: TokenInputs, token_mask: TokenMasks = None,
                 tasks: Optional[Sequence[Optional[str]]] = None) -> Union[torch.Tensor, list[torch.Tensor]]:
         """x [B, n, d_model], token_mask [B, n] bool (True = real token; None = all) -> [B, n, d_model].
 
@@ -79,11 +78,8 @@ class SoftMoE(ExpertLayer):
         tasks, for the backbone's protocol, are not used): each input's examples get their own
         slots as in separate calls, and the experts run once over all of their slots.
         """
-        if isinstance(x, torch.Tensor):
-            return self._forward_groups([x], [token_mask])[0]
-        xs = list(x)
-        token_masks = list(token_mask) if token_mask is not None else [None] * len(xs)
-        return self._forward_groups(xs, token_masks)
+        outs = self._forward_groups(*token_groups(x, token_mask))
+        return outs[0] if isinstance(x, torch.Tensor) else outs
 
     def _forward_groups(self, xs: list[torch.Tensor], token_masks: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
         if len(xs) != len(token_masks) or not xs:

@@ -49,6 +49,7 @@ from smola.lora import LoRALinear
 from smola.omni import OmniSMoLALinear, branch_masks
 from vlmoe.model.heads import MLMHead
 from vlmoe.model.multiway import SelfAttention
+from vlmoe.moe.expert_layer import token_groups
 from vlmoe.moe.experts import Experts
 from vlmoe.moe.layer import MoE
 from vlmoe.moe.soft import SoftMoE
@@ -256,10 +257,7 @@ def _attention(module: SelfAttention, x: torch.Tensor) -> Flops:
 
 def _token_groups(args: tuple, kwargs: dict) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """(x, token_mask) of each group of an MoE layer's call (one, or the lists of a grouped call)."""
-    x, token_mask = args[0], _argument(args, kwargs, 1, "token_mask")
-    if isinstance(x, torch.Tensor):
-        return [(x, token_mask)]
-    return list(zip(x, token_mask if token_mask is not None else [None] * len(x)))
+    return list(zip(*token_groups(args[0], _argument(args, kwargs, 1, "token_mask"))))
 
 
 def _router(module: MoE, args: tuple, kwargs: dict) -> Flops:
