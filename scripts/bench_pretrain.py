@@ -37,7 +37,9 @@ steps (default: each, 0 = never), collect_metrics and the all-reduce of the step
 forward stay; the profile shows them). The profile attributes each instant of the step on rank 0's
 thread to the innermost of the script's scopes (bench.*) and the MoE layers' ("vlmoe.moe.router",
 ".dispatch", ".experts", ".combine", ".all_to_all", ".metrics"), and each backward node to the phase
-of the forward op that made it (autograd sequence numbers), so the phases sum to the profiled step.
+of the forward op that made it (autograd sequence numbers), and each operator run directly in the
+optimizer step to what it does (the torch optimizer's update; DeepSpeed's gradient norm, flattening,
+clipping and copy back), so the phases sum to the profiled step.
 MoE scopes missing from vlmoe/moe/ leave their work in "rest of model". On CUDA the phases are host
 time (run with CUDA_LAUNCH_BLOCKING=1 to make them device time too).
 """
@@ -403,18 +405,30 @@ def report(groups: list[list], tokens: float, args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------- profile
 
+# The operators run directly in the optimizer step, by what they do: DeepSpeed's ZeRO step is a
+# chain of passes over every parameter around the torch optimizer's update.
+_OPTIMIZER_OPS = (
+    ("optimizer: weight update (torch optimizer)", ("Optimizer.step",)),
+    ("optimizer: gradient norm (casts, norms)", ("aten::to", "aten::_to_copy", "aten::linalg_vector_norm",
+                                                  "aten::norm", "aten::_foreach_norm")),
+    ("optimizer: flatten gradients (cat)", ("aten::flatten_dense_tensors", "aten::cat")),
+    ("optimizer: scale gradients (clip, mul_)", ("aten::mul_", "aten::_foreach_mul_")),
+    ("optimizer: copy weights back (copy_)", ("aten::copy_",)),
+    ("optimizer: collectives", ("c10d::",)),
+)
 PHASE_ORDER = [
     "forward: router", "forward: aux-loss collection", "forward: dispatch", "forward: experts", "forward: combine",
     "forward: all-to-all", "forward: MoE metrics (layer)", "forward: rest of model",
     "backward: router", "backward: dispatch", "backward: experts", "backward: combine", "backward: all-to-all",
     "backward: MoE metrics (layer)", "backward: rest of model", "backward: gradient accumulation + DeepSpeed hooks",
     "backward: engine (gradient reduction)",
-    "optimizer step", "metrics collection (log step)", "trainer checks (non-finite, grad norm)", "other (step loop)",
+    *(phase for phase, _ in _OPTIMIZER_OPS),
+    "optimizer: other", "metrics collection (log step)", "trainer checks (non-finite, grad norm)", "other (step loop)",
 ]
 _BENCH_PHASES = {"bench.step": "other (step loop)", "bench.forward": "forward: rest of model",
                  "bench.aux_loss": "forward: aux-loss collection",
                  "bench.checks": "trainer checks (non-finite, grad norm)",
-                 "bench.backward": "backward: engine (gradient reduction)", "bench.optimizer": "optimizer step",
+                 "bench.backward": "backward: engine (gradient reduction)", "bench.optimizer": "optimizer: other",
                  "bench.metrics": "metrics collection (log step)"}
 _MOE_NAMES = {"router": "router", "dispatch": "dispatch", "experts": "experts", "combine": "combine",
               "all_to_all": "all-to-all", "metrics": "MoE metrics (layer)"}
@@ -429,6 +443,14 @@ def _scope_phase(name: str, direction: str) -> Optional[str]:
         short = name[len("vlmoe.moe."):]
         return f"{direction}: {_MOE_NAMES.get(short, short)}"
     return None
+
+
+def _optimizer_op_phase(event) -> Optional[str]:
+    """The optimizer phase of an operator run directly in the optimizer step (None for any other
+    event; an operator of no known kind stays in "optimizer: other")."""
+    if event.cpu_parent is None or event.cpu_parent.name != "bench.optimizer":
+        return None
+    return next((phase for phase, prefixes in _OPTIMIZER_OPS if event.name.startswith(prefixes)), None)
 
 
 def _forward_phase_of(event) -> Optional[str]:
@@ -470,7 +492,7 @@ def phase_breakdown(events) -> tuple[dict[str, float], list[float], bool]:
     for e in events:
         if e.thread != thread:
             continue
-        phase = _scope_phase(e.name, "forward")
+        phase = _scope_phase(e.name, "forward") or _optimizer_op_phase(e)
         if phase is None and e.name.startswith(_EVALUATE):
             if "AccumulateGrad" in e.name:
                 phase = "backward: gradient accumulation + DeepSpeed hooks"
@@ -544,7 +566,8 @@ def profile(model: Model, batches: list[dict], args: argparse.Namespace, info, f
         ms = self_us.get(phase, 0.0) / n / 1000
         total += ms
         print(f"  {phase:52s} {ms:9.1f} ms {100 * ms / step_ms:6.1f} %")
-    print(f"  {'sum of phases':52s} {total:9.1f} ms")
+    optimizer_ms = sum(ms for phase, ms in self_us.items() if phase.startswith("optimizer: ")) / n / 1000
+    print(f"  {'sum of phases':52s} {total:9.1f} ms   (of which the optimizer step {optimizer_ms:.1f} ms)")
     print(f"  {'profiled step (bench.step)':52s} {step_ms:9.1f} ms   (perf_counter: "
           f"{statistics.mean(wall) * 1000:.1f} ms; unprofiled median {timed:.1f} ms)")
     if model.sparse and not saw_moe:

@@ -96,6 +96,46 @@ def forward_backward(module: Callable, x: torch.Tensor, grad: torch.Tensor) -> C
     return run
 
 
+_GEMMS = {"aten::mm": 0, "aten::addmm": 1, "aten::bmm": 0, "aten::baddbmm": 1, "aten::baddbmm_": 1}
+
+
+def gemm_flops(name: str, shapes: list) -> int:
+    """FLOPs of one call of a (batched) matrix product from its input shapes; 0 for other operators.
+    addmm / baddbmm take the added tensor first: (input, a, b)."""
+    if name not in _GEMMS:
+        return 0
+    a, b = shapes[_GEMMS[name]], shapes[_GEMMS[name] + 1]
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
+def where_forward_goes(name: str, module: Callable, x: torch.Tensor, device: torch.device, calls: int) -> None:
+    """Self time per operator (and input shapes) of `module`'s forward under torch.profiler, per call,
+    with the rate of each matrix product: which operators make the overhead over the FLOP floor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    run = forward_only(module, x)
+    run()
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(calls):
+            run()
+        synchronize(device)
+    rows = []
+    for op in prof.key_averages(group_by_input_shape=True):
+        us = op.self_device_time_total if device.type == "cuda" else op.self_cpu_time_total
+        rows.append((us / calls, op.key, op.input_shapes, gemm_flops(op.key, op.input_shapes) * op.count / calls))
+    total = sum(r[0] for r in rows)
+    print(f"\nwhere the {name} forward goes ({'device' if device.type == 'cuda' else 'host'} self time per "
+          f"operator, {calls} calls; matrix products with their rate)")
+    for us, op, shapes, flops in sorted(rows, key=lambda r: -r[0]):
+        if us < 0.01 * total:
+            continue
+        rate = f"{flops / us / 1e3:7.0f} GFLOP/s" if flops else ""
+        print(f"  {op:<24s} {us / 1e3:7.2f} ms  {rate:15s} {[list(s) for s in shapes if s]}")
+    print(f"  {'all operators':<24s} {total / 1e3:7.2f} ms")
+
+
 def bench_block(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -139,6 +179,8 @@ def bench_block(args: argparse.Namespace) -> None:
         fb_floor = (2 * frozen_fwd + fwd_extra + bwd_extra) / (2 * frozen_fwd)  # frozen f+b = forward + d x
         print(f"{name:<14} {m['fwd'] * 1e3:8.1f} {m['fwd'] / med['frozen']['fwd']:7.3f} {fwd_floor:6.3f}   "
               f"{m['fwdbwd'] * 1e3:8.1f} {m['fwdbwd'] / med['frozen']['fwdbwd']:7.3f} {fb_floor:6.3f}")
+    largest = f"smola E={max(args.experts)}"
+    where_forward_goes(largest, variants[largest], x, device, args.reps)
 
 
 def bench_backbone(args: argparse.Namespace) -> None:

@@ -31,7 +31,9 @@ def test_tiny_run_has_a_row_per_configuration_and_a_breakdown_summing_to_the_ste
         assert min_ms <= step_ms
     assert re.search(r"^  dense +\S+ +[\d.]+ +[\d.]+ +\d+ +1\.00 ", out, re.M)
 
-    total = float(re.search(r"^  sum of phases +([\d.]+) ms$", out, re.M)[1])
+    summed = re.search(r"^  sum of phases +([\d.]+) ms +\(of which the optimizer step ([\d.]+) ms\)$", out, re.M)
+    assert summed, out
+    total, optimizer = float(summed[1]), float(summed[2])
     step = re.search(r"^  profiled step \(bench\.step\) +([\d.]+) ms +\(perf_counter: ([\d.]+) ms", out, re.M)
     assert step, out
     profiled, wall = float(step[1]), float(step[2])
@@ -40,6 +42,10 @@ def test_tiny_run_has_a_row_per_configuration_and_a_breakdown_summing_to_the_ste
     rows = re.findall(phase_row, out, re.M)
     assert len(rows) >= len(bench_pretrain.PHASE_ORDER)  # and any phase of a scope it does not know
     assert abs(sum(map(float, rows)) - profiled) <= 0.05 * len(rows) + 0.1
+    # the optimizer step by operator kind: the torch optimizer's update is one of its parts
+    optimizer_rows = dict(re.findall(r"^  (optimizer: [^\n]*?) +([\d.]+) ms +[\d.]+ %$", out, re.M))
+    assert float(optimizer_rows["optimizer: weight update (torch optimizer)"]) > 0, out
+    assert abs(sum(map(float, optimizer_rows.values())) - optimizer) <= 0.05 * len(optimizer_rows) + 0.1
     assert abs(wall - profiled) <= 0.05 * wall + 2.0  # the profiler's clock against perf_counter
 
 
@@ -61,14 +67,23 @@ def test_breakdown_gives_each_instant_to_the_innermost_scope_and_backward_nodes_
     add_back = _event(ev + "AddBackward0", 60, 70, backward, seq=6, fwd_thread=1)
     accumulate = _event(ev + "torch::autograd::AccumulateGrad", 70, 75, backward)
     optimizer = _event("bench.optimizer", 90, 100, step)
+    update = _event("Optimizer.step#AdamW.step", 90, 94, optimizer)
+    fused = _event("aten::_fused_adamw_", 90, 94, update)
+    cast = _event("aten::to", 94, 96, optimizer)
+    cast_copy = _event("aten::_to_copy", 94, 96, cast)  # inside a cast: the cast's, not a copy back
+    copy_back = _event("aten::copy_", 96, 97, optimizer)
+    unknown = _event("aten::isfinite", 97, 98, optimizer)
     other_thread = _event("aten::mm", 0, 100, thread=2)
-    events = [step, forward, experts, mm, add, backward, mm_back, inner, add_back, accumulate, optimizer, other_thread]
+    events = [step, forward, experts, mm, add, backward, mm_back, inner, add_back, accumulate, optimizer, update,
+              fused, cast, cast_copy, copy_back, unknown, other_thread]
     self_us, steps, saw_moe = bench_pretrain.phase_breakdown(events)
     assert saw_moe and steps == [100]
     assert self_us == {"other (step loop)": 0.0, "forward: rest of model": 30.0, "forward: experts": 10.0,
                        "backward: experts": 15.0, "backward: rest of model": 10.0,
                        "backward: gradient accumulation + DeepSpeed hooks": 5.0,
-                       "backward: engine (gradient reduction)": 20.0, "optimizer step": 10.0}
+                       "backward: engine (gradient reduction)": 20.0,
+                       "optimizer: weight update (torch optimizer)": 4.0, "optimizer: gradient norm (casts, norms)": 2.0,
+                       "optimizer: copy weights back (copy_)": 1.0, "optimizer: other": 3.0}
     assert sum(self_us.values()) == 100
 
 
