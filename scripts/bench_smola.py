@@ -7,8 +7,10 @@ one process, medians over --reps rounds:
   lora 4E     LoRA of rank rank*E: the same added parameters as one MM block of E experts
   plain 48    the same equations as composed autograd ops (the "plain batched" reference)
 forward under no_grad, and forward+backward with x requiring grad (as every layer but the
-first does). Then the end-to-end forward overhead of SMoLA_O with 48 experts on the BASE
-multiway backbone (image-text pairs), unless --skip-e2e.
+first does), then where the largest block's forward goes: self time per operator under
+torch.profiler, each matrix product with its GFLOP/s beside the frozen linear's. Then the
+end-to-end forward overhead of SMoLA_O with 48 experts on the BASE multiway backbone (image-text
+pairs), unless --skip-e2e.
 
     python scripts/bench_smola.py [--batch 8 --tokens 1024 --dim 768 --reps 7] [--device cuda]
 """
