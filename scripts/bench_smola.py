@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import smola
-from vlmoe.study.flops import counted_flops
+from vlmoe.study.flops import counted_flops, kernel_flops
 from bench_device import add_device_option, bench_device  # scripts/, beside this file
 
 
@@ -98,19 +98,6 @@ def forward_backward(module: Callable, x: torch.Tensor, grad: torch.Tensor) -> C
     return run
 
 
-_GEMMS = {"aten::mm": 0, "aten::addmm": 1, "aten::bmm": 0, "aten::baddbmm": 1, "aten::baddbmm_": 1}
-
-
-def gemm_flops(name: str, shapes: list) -> int:
-    """FLOPs of one call of a (batched) matrix product from its input shapes; 0 for other operators.
-    addmm / baddbmm take the added tensor first: (input, a, b)."""
-    if name not in _GEMMS:
-        return 0
-    a, b = shapes[_GEMMS[name]], shapes[_GEMMS[name] + 1]
-    batch = a[0] if len(a) == 3 else 1
-    return 2 * batch * a[-2] * a[-1] * b[-1]
-
-
 def where_forward_goes(name: str, module: Callable, x: torch.Tensor, device: torch.device, calls: int) -> None:
     """Self time per operator (and input shapes) of `module`'s forward under torch.profiler, per call,
     with the rate of each matrix product: which operators make the overhead over the FLOP floor."""
@@ -126,7 +113,7 @@ def where_forward_goes(name: str, module: Callable, x: torch.Tensor, device: tor
     rows = []
     for op in prof.key_averages(group_by_input_shape=True):
         us = op.self_device_time_total if device.type == "cuda" else op.self_cpu_time_total
-        rows.append((us / calls, op.key, op.input_shapes, gemm_flops(op.key, op.input_shapes) * op.count / calls))
+        rows.append((us / calls, op.key, op.input_shapes, kernel_flops(op.key, op.input_shapes) * op.count / calls))
     total = sum(r[0] for r in rows)
     print(f"\nwhere the {name} forward goes ({'device' if device.type == 'cuda' else 'host'} self time per "
           f"operator, {calls} calls; matrix products with their rate)")

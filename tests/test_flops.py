@@ -23,7 +23,7 @@ from vlmoe.nn.feed_forward import FeedForward
 from vlmoe.moe.config import MoEConfig
 from vlmoe.moe.layer import MoE
 from vlmoe.study.accounting import ACCOUNTING_FILE, account_run, main
-from vlmoe.study.flops import CATEGORIES, measure_flops
+from vlmoe.study.flops import CATEGORIES, kernel_flops, measure_flops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -271,3 +271,13 @@ def test_accounting_training_step_of_a_soft_moe_model_which_has_no_aux_loss():
     assert analytic.training["experts"] == 2 * 4 * (2 + 4) * (2 * 8 * 16)
     assert counted == analytic.training_total
     assert all(p.grad is None for p in model.parameters())  # the step's gradients are cleared
+
+
+def test_kernel_flops_of_each_matrix_product_from_its_profiled_input_shapes():
+    # shapes as torch.profiler records them: scalar arguments (beta, alpha) as []
+    assert kernel_flops("aten::mm", [[6, 5], [5, 3]]) == 2 * 6 * 5 * 3
+    assert kernel_flops("aten::addmm", [[3], [6, 5], [5, 3], [], []]) == 2 * 6 * 5 * 3
+    assert kernel_flops("aten::bmm", [[4, 6, 5], [4, 5, 3]]) == 2 * 4 * 6 * 5 * 3
+    assert kernel_flops("aten::baddbmm_", [[4, 6, 3], [4, 6, 5], [4, 5, 3], [], []]) == 2 * 4 * 6 * 5 * 3
+    assert kernel_flops("aten::softmax", [[4, 6, 5], [], []]) == 0
+    assert kernel_flops("SoftRouting", [[4, 6, 5]]) == 0

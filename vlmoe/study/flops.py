@@ -38,11 +38,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from smola.block import SMoLALinear, as_tokens, tokens_and_masks
 from smola.lora import LoRALinear
@@ -95,6 +95,16 @@ def counted_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def kernel_flops(name: str, input_shapes: Sequence[Sequence[int]]) -> int:
+    """FLOPs of one call of kernel `name` ("aten::mm") from its input shapes as torch.profiler records
+    them (a scalar argument as []), by the formulas `counted_flops` uses; 0 for a kernel without one."""
+    kernel = getattr(torch.ops.aten, name[len("aten::"):], None) if name.startswith("aten::") else None
+    formula = EXTRA_FORMULAS.get(kernel) or flop_registry.get(kernel)
+    if formula is None:
+        return 0
+    return int(formula(*[torch.Size(shape) for shape in input_shapes if shape]))
 
 
 # ------------------------------------------------------------------------------------ formulas
